@@ -1,0 +1,1 @@
+"""SAND engine: plain Python, no Dagster. Environments, trajectories, storage, models, training."""

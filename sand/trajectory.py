@@ -1,0 +1,87 @@
+"""ReAct trajectories: the unit every dataset of the platform is made of.
+
+A trajectory is an instruction (the task as the agent is told it) followed by steps; each step is
+the assistant turn (thought + action) and the environment's answer (observation). Tables hold one
+row per trajectory with the steps nested, so a dataset version is one Parquet file; the catalog's
+`steps` view unnests them.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+
+import polars as pl
+
+STEP_DTYPE = pl.Struct({"thought": pl.Utf8, "action": pl.Utf8, "observation": pl.Utf8})
+
+# Column order of the stored `trajectories` table (before the store adds dataset/version columns).
+TRAJECTORY_SCHEMA: dict[str, pl.DataType] = {
+    "id": pl.Utf8,
+    "env": pl.Utf8,
+    "task": pl.Utf8,
+    "task_id": pl.Utf8,
+    "split": pl.Utf8,
+    "source": pl.Utf8,
+    "instruction": pl.Utf8,
+    "n_steps": pl.Int32,
+    "reward": pl.Float64,
+    "steps": pl.List(STEP_DTYPE),
+}
+
+ENVS = ("sciworld", "alfworld")
+
+
+@dataclass
+class Step:
+    thought: str
+    action: str
+    observation: str
+
+    def assistant_text(self) -> str:
+        """The assistant turn as written in ReAct form."""
+        return f"Thought: {self.thought}\nAction: {self.action}" if self.thought else f"Action: {self.action}"
+
+
+@dataclass
+class Trajectory:
+    id: str
+    env: str
+    task: str
+    task_id: str
+    split: str
+    source: str  # where the steps came from: "gold", "planner", "observer", "eto", ...
+    instruction: str
+    steps: list[Step] = field(default_factory=list)
+    reward: float | None = None  # final score in [0, 1]; None when unknown (some imports)
+
+    def to_row(self) -> dict:
+        row = asdict(self)
+        row["n_steps"] = len(self.steps)
+        return {k: row[k] for k in TRAJECTORY_SCHEMA}
+
+    @classmethod
+    def from_row(cls, row: dict) -> "Trajectory":
+        return cls(
+            id=row["id"], env=row["env"], task=row["task"], task_id=row["task_id"], split=row["split"],
+            source=row["source"], instruction=row["instruction"], reward=row["reward"],
+            steps=[Step(**s) for s in row["steps"]],
+        )
+
+
+def to_frame(trajectories: list[Trajectory]) -> pl.DataFrame:
+    return pl.DataFrame([t.to_row() for t in trajectories], schema=TRAJECTORY_SCHEMA, orient="row")
+
+
+def from_frame(df: pl.DataFrame) -> list[Trajectory]:
+    return [Trajectory.from_row(r) for r in df.select(list(TRAJECTORY_SCHEMA)).iter_rows(named=True)]
+
+
+def content_hash(df: pl.DataFrame) -> str:
+    """A data version: a hash of the rows' content, independent of row order and of file encoding."""
+    digest = hashlib.sha256()
+    cols = [c for c in TRAJECTORY_SCHEMA if c in df.columns] or df.columns
+    for line in sorted(json.dumps(r, sort_keys=True, default=str) for r in df.select(cols).iter_rows(named=True)):
+        digest.update(line.encode())
+        digest.update(b"\n")
+    return digest.hexdigest()[:16]

@@ -20,11 +20,28 @@ def cache_dir(*parts: str) -> Path:
 
 
 def alfworld_data() -> Path:
-    """ALFWorld game files (`json_2.1.1/valid_seen`, `valid_unseen`): `ALFWORLD_DATA`."""
-    value = os.environ.get("ALFWORLD_DATA")
-    if not value:
+    """ALFWorld game files: `ALFWORLD_DATA` (alfworld's own default: ~/.cache/alfworld), holding json_2.1.1/."""
+    path = Path(os.environ.get("ALFWORLD_DATA", "~/.cache/alfworld")).expanduser().resolve()
+    if not (path / "json_2.1.1").is_dir():
         from sand.errors import SandError
 
-        raise SandError("ALFWORLD_DATA is not set: point it at the folder holding json_2.1.1/ "
-                        "(in this repository's CI: ../shared/data/alfworld)")
-    return Path(value).expanduser().resolve()
+        raise SandError(f"no ALFWorld games at {path}/json_2.1.1: set ALFWORLD_DATA to the folder that holds "
+                        "json_2.1.1/valid_seen and valid_unseen")
+    return path
+
+
+DAGSTER_YAML = """\
+# Written by sand on first use. Runs and event logs persist here.
+telemetry:
+  enabled: false
+"""
+
+
+def apply_defaults() -> None:
+    """Environment the CLI and `dagster dev` share: SAND_HOME, and DAGSTER_HOME inside it."""
+    os.environ.setdefault("SAND_HOME", str(Path(".sand_home").resolve()))
+    home = Path(os.environ.setdefault("DAGSTER_HOME", str(Path(os.environ["SAND_HOME"]) / "dagster"))).resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    config = home / "dagster.yaml"
+    if not config.exists():
+        config.write_text(DAGSTER_YAML)

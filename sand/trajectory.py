@@ -7,8 +7,6 @@ row per trajectory with the steps nested, so a dataset version is one Parquet fi
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import asdict, dataclass, field
 
 import polars as pl
@@ -76,12 +74,3 @@ def to_frame(trajectories: list[Trajectory]) -> pl.DataFrame:
 def from_frame(df: pl.DataFrame) -> list[Trajectory]:
     return [Trajectory.from_row(r) for r in df.select(list(TRAJECTORY_SCHEMA)).iter_rows(named=True)]
 
-
-def content_hash(df: pl.DataFrame) -> str:
-    """A data version: a hash of the rows' content, independent of row order and of file encoding."""
-    digest = hashlib.sha256()
-    cols = [c for c in TRAJECTORY_SCHEMA if c in df.columns] or df.columns
-    for line in sorted(json.dumps(r, sort_keys=True, default=str) for r in df.select(cols).iter_rows(named=True)):
-        digest.update(line.encode())
-        digest.update(b"\n")
-    return digest.hexdigest()[:16]

@@ -1,0 +1,5 @@
+"""Dagster resources: configuration that builds engine objects (store, environments, compute)."""
+from resources.environments import AlfWorldResource, SciWorldResource
+from resources.store import StoreResource
+
+__all__ = ["AlfWorldResource", "SciWorldResource", "StoreResource"]

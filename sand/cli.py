@@ -1,0 +1,115 @@
+"""`sand`: import, export and query trajectory datasets; run jobs; open the Dagster UI."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from sand.config import apply_defaults
+from sand.errors import SandError
+from sand.trajectory import ENVS
+
+
+def _store():
+    from sand.store import Store
+
+    return Store()
+
+
+def cmd_import(args) -> None:
+    from sand import datasets
+    from sand.store import Lineage
+
+    store = _store()
+    imported = datasets.import_eto(store, args.path, args.env, Lineage(asset="cli:import"))
+    expert = datasets.compose_expert(store, Lineage(asset="cli:import"))
+    print(f"imported {imported.row_count} {args.env} trajectories from {args.path} as "
+          f"'{imported.ref.dataset}' (version {imported.ref.version}{'' if imported.created else ', unchanged'})")
+    print(f"expert set: {expert.row_count} trajectories (version {expert.ref.version})")
+
+
+def cmd_export(args) -> None:
+    from sand import datasets
+
+    path, n = datasets.export_eto(_store(), args.path, dataset=args.dataset, env=args.env, table=args.table)
+    print(f"wrote {n} trajectories to {path}")
+
+
+def cmd_sql(args) -> None:
+    import polars as pl
+
+    df = _store().sql(args.query)
+    if args.format == "csv":
+        sys.stdout.write(df.write_csv())
+    elif args.format == "json":
+        sys.stdout.write(df.write_ndjson())
+    else:
+        with pl.Config(tbl_rows=args.max_rows, tbl_cols=-1, fmt_str_lengths=60, tbl_hide_dataframe_shape=True):
+            print(df)
+
+
+def cmd_run(args) -> None:
+    from dagster import DagsterInstance
+
+    from sand_assets.definitions import defs
+
+    job = defs.resolve_job_def(args.job)
+    with DagsterInstance.get() as instance:
+        result = job.execute_in_process(instance=instance, raise_on_error=False)
+    print(f"run {result.run_id}: {'succeeded' if result.success else 'FAILED'} (job {args.job}; "
+          f"DAGSTER_HOME={os.environ['DAGSTER_HOME']})")
+    if not result.success:
+        raise SystemExit(1)
+
+
+def cmd_ui(args) -> None:
+    workspace = Path(__file__).resolve().parent.parent / "workspace.yaml"
+    target = ["-w", str(workspace)] if workspace.exists() else ["-m", "sand_assets.definitions"]
+    os.execvp("dagster", ["dagster", "dev", *target, "-p", str(args.port)])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sand", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("import", help="validate an ETO/ShareGPT file (JSON or JSONL) and add it to the expert set")
+    p.add_argument("path")
+    p.add_argument("--env", required=True, choices=ENVS)
+    p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("export", help="write a trajectory dataset as an ETO file (.json or .jsonl)")
+    p.add_argument("path")
+    p.add_argument("--dataset", default="expert")
+    p.add_argument("--table", default="trajectories", choices=["trajectories", "source_trajectories"])
+    p.add_argument("--env", choices=ENVS)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("sql", help="query the catalog (views: trajectories, steps, lineage, ...)")
+    p.add_argument("query")
+    p.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    p.add_argument("--max-rows", type=int, default=50)
+    p.set_defaults(func=cmd_sql)
+
+    p = sub.add_parser("run", help="run a Dagster job in this process, recorded in DAGSTER_HOME")
+    p.add_argument("job", nargs="?", default="quickstart")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("ui", help="start the Dagster UI (dagster dev) on this project")
+    p.add_argument("--port", type=int, default=3000)
+    p.set_defaults(func=cmd_ui)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    apply_defaults()
+    try:
+        args.func(args)
+    except SandError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

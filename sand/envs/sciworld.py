@@ -1,0 +1,199 @@
+"""ScienceWorld (the `scienceworld` PyPI package's jar) behind `sand.envs.base.Environment`.
+
+We drive the jar's `PythonInterface` server object over py4j ourselves instead of using
+`scienceworld.ScienceWorldEnv`: its `step` also rebuilds the valid-action list on every call.
+Measured on 2 cores (warm JVM, gold paths of boil / find-plant / chemistry-mix):
+`ScienceWorldEnv.step` 30-40 ms, the server's raw `step` + `getScore` + `getCompleted` 0.5-1.5 ms
+with identical observations and scores; the valid-action list alone costs 20-50 ms, so
+`admissible_actions()` computes it only when asked. JVM start ~0.5 s; loading a task 15-150 ms,
+2-10x more with its gold path generated.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import subprocess
+import weakref
+from pathlib import Path
+
+from py4j.java_gateway import GatewayParameters, JavaGateway, launch_gateway
+from scienceworld.constants import BASEPATH, JAR_PATH
+
+from sand.envs.base import Environment, StepResult, TaskSpec
+from sand.errors import SandError
+
+LIMITS_PATH = Path(__file__).with_name("sciworld_limits.json")
+
+# The parser's answers to input it cannot map to an action: no template matched, or a reply to a
+# disambiguation prompt ("Ambiguous request: ... enter the number") that is not one of the numbers.
+_NOT_UNDERSTOOD = ("No known action matches that input.", "Unknown action.")
+
+# Variation splits per task name: fixed by the jar, the same for every JVM, so shared.
+_SPLIT_CACHE: dict[str, dict[str, list[int]]] = {}
+
+
+def _shutdown_jvm(gateway: JavaGateway, proc: subprocess.Popen) -> None:
+    gateway.shutdown()
+    if proc.poll() is None:
+        # die_on_exit makes the JVM exit when its stdin sees a line (or EOF).
+        proc.stdin.write(b"\n")
+        proc.stdin.flush()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@functools.cache
+def _load_limits() -> dict[str, int]:
+    if not LIMITS_PATH.exists():
+        raise SandError(f"{LIMITS_PATH} is missing: regenerate it with sand.envs.sciworld.build_step_limits()")
+    return json.loads(LIMITS_PATH.read_text())["limits"]
+
+
+class ScienceWorldEnv(Environment):
+    """One JVM per object; one episode at a time. Task ids are "task_name:variation"."""
+
+    name = "sciworld"
+    SPLITS = ("train", "dev", "test")
+
+    def __init__(self, simplifications: str = "easy", jvm_heap_mb: int | None = 300,
+                 task_names: list[str] | None = None, variations_per_task: int | None = None):
+        if variations_per_task is not None and variations_per_task < 1:
+            raise SandError(f"variations_per_task must be at least 1, got {variations_per_task}")
+        self.simplifications = simplifications
+        self.variations_per_task = variations_per_task
+        # -Xmx on the child's command line caps only this JVM (unbounded it grows to 0.5-0.7 GB),
+        # without touching this process's environment. die_on_exit: the JVM dies with us.
+        javaopts = [f"-Xmx{jvm_heap_mb}m"] if jvm_heap_mb else []
+        port, proc = launch_gateway(classpath=JAR_PATH, javaopts=javaopts, die_on_exit=True, cwd=BASEPATH,
+                                    return_proc=True)
+        gateway = JavaGateway(gateway_parameters=GatewayParameters(port=port, auto_field=True), java_process=proc)
+        self._close_jvm = weakref.finalize(self, _shutdown_jvm, gateway, proc)
+        self._server = gateway.jvm.scienceworld.runtime.pythonapi.PythonInterface()
+        all_names = list(self._server.getTaskNames())
+        # The server would silently ignore an unknown simplification.
+        all_simplifications = ["easy", *self._server.getPossibleSimplifications().split(", ")]
+        unknown = sorted(set(task_names or ()) - set(all_names))
+        unknown += [s for s in simplifications.split(",") if s and s not in all_simplifications]
+        if unknown:
+            self.close()
+            raise SandError(f"unknown ScienceWorld task names or simplifications {unknown}; task names: "
+                            f"{', '.join(all_names)}; simplifications: {', '.join(all_simplifications)}")
+        self.task_names = list(task_names) if task_names else all_names
+        self._gold: dict[str, list[str]] = {}
+        self._task: str | None = None  # task name of the running episode
+        self._steps = 0
+        self._score = 0.0
+
+    def _load(self, task_id: str, gold_path: bool = False) -> str:
+        """Load a variation into the JVM (this ends the running episode); return the task name."""
+        name, _, variation = task_id.rpartition(":")
+        if name not in self.task_names or not variation.isdigit():
+            raise SandError(f"unknown ScienceWorld task id {task_id!r}: expected 'task_name:variation' "
+                            f"with task_name one of {', '.join(self.task_names)}")
+        self._task = None
+        error = self._server.load(name, int(variation), self.simplifications, gold_path)
+        if error:
+            raise SandError(f"ScienceWorld cannot load {task_id!r} with simplifications "
+                            f"{self.simplifications!r}: {error}")
+        return name
+
+    def _splits(self, name: str) -> dict[str, list[int]]:
+        if name not in _SPLIT_CACHE:
+            self._load(f"{name}:0")  # the server lists the variations of the loaded task
+            _SPLIT_CACHE[name] = {"train": list(self._server.getVariationsTrain()),
+                                  "dev": list(self._server.getVariationsDev()),
+                                  "test": list(self._server.getVariationsTest())}
+        return _SPLIT_CACHE[name]
+
+    def tasks(self, split: str) -> list[TaskSpec]:
+        """Tasks in `task_names` order, variations ascending. Listing a task's variations the first
+        time in this process loads it in the JVM, which ends the running episode."""
+        if split not in self.SPLITS:
+            raise SandError(f"unknown ScienceWorld split {split!r}; valid splits: {', '.join(self.SPLITS)}")
+        return [TaskSpec(env=self.name, task=name, task_id=f"{name}:{v}", split=split)
+                for name in self.task_names
+                for v in self._splits(name)[split][:self.variations_per_task]]
+
+    def reset(self, task: TaskSpec) -> str:
+        if task.env != self.name:
+            raise SandError(f"task {task.task_id!r} belongs to env {task.env!r}, not {self.name!r}")
+        # Reloading the variation restores its initial state and reseeds the simulator's random
+        # generator, which is what makes replay deterministic.
+        self._task = self._load(task.task_id)
+        self._steps = 0
+        self._score = 0.0
+        # The free look does not advance the simulation; it is what "look around" answers.
+        return f"{self._server.getTaskDescription().strip()}\n\n{self._server.freeActionLook().strip()}"
+
+    def step(self, action: str) -> StepResult:
+        if self._task is None:
+            raise SandError("no ScienceWorld episode is running: call reset(task) first")
+        observation = self._server.step(action).strip()
+        raw = self._server.getScore()  # 0..1, -1 once the task has failed
+        self._steps += 1
+        # The paper's metric: the best score reached so far, in whole percent as ScienceWorld reports it.
+        self._score = max(self._score, round(100 * raw) / 100)
+        done = self._server.getCompleted() or raw < 0 or self._steps >= self.max_steps
+        return StepResult(observation, self._score, done, not observation.startswith(_NOT_UNDERSTOOD))
+
+    def admissible_actions(self) -> list[str]:
+        if self._task is None:
+            raise SandError("no ScienceWorld episode is running: call reset(task) first")
+        return list(self._server.getValidActionObjectCombinations())
+
+    @property
+    def max_steps(self) -> int:
+        if self._task is None:
+            raise SandError("no ScienceWorld episode is running: call reset(task) first")
+        return _load_limits()[self._task]
+
+    @property
+    def score(self) -> float:
+        return self._score
+
+    def expert_actions(self, task: TaskSpec) -> list[str]:
+        """The simulator's gold action sequence. Generating it reloads the task, so this ends the
+        running episode; call reset(task) before stepping."""
+        self._task = None
+        if task.task_id not in self._gold:
+            self._load(task.task_id, gold_path=True)
+            self._gold[task.task_id] = list(self._server.getGoldActionSequence())
+        return list(self._gold[task.task_id])
+
+    def close(self) -> None:
+        self._close_jvm()
+
+
+def build_step_limits(samples_per_split: int = 3, path: Path = LIMITS_PATH) -> dict[str, int]:
+    """Recompute the per-task step limits and write them to `path`.
+
+    For each task, the gold paths (easy simplifications) of `samples_per_split` evenly spaced
+    variations of each split are measured; the limit is twice the longest, rounded up to a multiple
+    of 10, and at least 30, so an agent has room for detours the expert never makes.
+    """
+    longest = {}
+    with ScienceWorldEnv() as env:
+        for name in env.task_names:
+            lengths = []
+            for split in env.SPLITS:
+                variations = env._splits(name)[split]
+                sample = sorted({variations[i * len(variations) // samples_per_split] for i in range(samples_per_split)})
+                lengths += [len(env.expert_actions(TaskSpec(env.name, name, f"{name}:{v}", split))) for v in sample]
+            longest[name] = max(lengths)
+    limits = {name: max(30, math.ceil(2 * n / 10) * 10) for name, n in longest.items()}
+    path.write_text(json.dumps({
+        "rule": "max(30, 2 x longest gold path, rounded up to a multiple of 10); easy simplifications; "
+                f"{samples_per_split} evenly spaced variations per split; see build_step_limits()",
+        "longest_gold_path": longest,
+        "limits": limits,
+    }, indent=1) + "\n")
+    _load_limits.cache_clear()
+    return limits
+
+
+if __name__ == "__main__":
+    print(build_step_limits())

@@ -1,0 +1,245 @@
+"""The store: versioned Parquet datasets under SAND_HOME and the DuckDB catalog over them.
+
+Layout (all paths under SAND_HOME):
+  datasets/<table>/<dataset>/<version>.parquet  one immutable file per dataset version
+  datasets/<table>/_schema/empty.parquet         zero rows, full schema: views work before any data
+  heads/<table>/<dataset>.parquet                which version of a dataset is current (a pointer)
+  lineage/<day>/<time>-<version>.parquet         one row per materialization
+  catalog.duckdb                                 views over the globs above
+
+A version is the content hash of the rows, so writing the same rows twice is a no-op and a
+changed dataset gets a new file beside the old one. Files are written to a temporary name and
+renamed, so readers never see half a file and a failed write leaves what was stored untouched.
+Views read the Parquet globs, so the catalog never needs rewriting when files land and DuckDB's
+single-writer lock is held only for the moment views are (re)declared.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from urllib.parse import quote
+
+import duckdb
+import polars as pl
+
+from sand.config import sand_home
+from sand.errors import SandError
+from sand.trajectory import TRAJECTORY_SCHEMA
+
+# Stored tables and their row schemas (the store adds `dataset` and `version` columns).
+# `source_trajectories` holds what each source produced (one dataset per environment or imported
+# file); `trajectories` holds the curated sets the loop trains on: `expert` (D_0) and, per
+# experiment iteration, the deliberation datasets. A trajectory appears once per curated dataset.
+TABLES: dict[str, dict[str, pl.DataType]] = {
+    "source_trajectories": TRAJECTORY_SCHEMA,
+    "trajectories": TRAJECTORY_SCHEMA,
+}
+
+HEAD_SCHEMA = {"table": pl.Utf8, "dataset": pl.Utf8, "version": pl.Utf8, "updated_at": pl.Datetime("us", "UTC")}
+
+LINEAGE_SCHEMA = {
+    "asset": pl.Utf8,  # the Dagster asset key (or CLI command) that produced the rows
+    "table": pl.Utf8,
+    "dataset": pl.Utf8,
+    "iteration": pl.Int32,
+    "data_version": pl.Utf8,
+    "code_version": pl.Utf8,
+    "run_id": pl.Utf8,
+    "inputs": pl.List(pl.Struct({"table": pl.Utf8, "dataset": pl.Utf8, "version": pl.Utf8})),
+    "row_count": pl.Int64,
+    "path": pl.Utf8,
+    "metadata": pl.Utf8,  # JSON: anything else worth keeping (model hash, config, ...)
+    "created_at": pl.Datetime("us", "UTC"),
+}
+
+
+@dataclass(frozen=True)
+class DatasetRef:
+    table: str
+    dataset: str
+    version: str
+
+
+@dataclass
+class Lineage:
+    """Who wrote a dataset version and from what."""
+
+    asset: str
+    code_version: str = ""
+    run_id: str | None = None
+    iteration: int | None = None
+    inputs: list[DatasetRef] = field(default_factory=list)
+    metadata: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    ref: DatasetRef
+    path: Path
+    row_count: int
+    created: bool  # False when this exact content was already stored
+
+
+def content_hash(df: pl.DataFrame) -> str:
+    """A hash of the rows' content, independent of row order and of the Parquet encoding."""
+    digest = hashlib.sha256(json.dumps(list(df.columns)).encode())
+    for line in sorted(json.dumps(r, sort_keys=True, default=str) for r in df.iter_rows(named=True)):
+        digest.update(line.encode())
+        digest.update(b"\n")
+    return digest.hexdigest()[:16]
+
+
+def _atomic_write(df: pl.DataFrame, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        df.write_parquet(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _folder(name: str) -> str:
+    """Dataset names may contain '/', folder names may not."""
+    return quote(name, safe="")
+
+
+class Store:
+    def __init__(self, home: Path | str | None = None):
+        self.home = Path(home).resolve() if home else sand_home()
+        self.home.mkdir(parents=True, exist_ok=True)
+        for table, schema in TABLES.items():
+            self._ensure_empty(self.home / "datasets" / table / "_schema" / "empty.parquet",
+                               {**schema, "dataset": pl.Utf8, "version": pl.Utf8})
+        self._ensure_empty(self.home / "heads" / "_schema" / "empty.parquet", HEAD_SCHEMA)
+        self._ensure_empty(self.home / "lineage" / "_schema" / "empty.parquet", LINEAGE_SCHEMA)
+
+    @staticmethod
+    def _ensure_empty(path: Path, schema: dict) -> None:
+        if not path.exists():
+            _atomic_write(pl.DataFrame(schema=schema), path)
+
+    @property
+    def catalog_path(self) -> Path:
+        return self.home / "catalog.duckdb"
+
+    # --- writing -------------------------------------------------------------------------------
+
+    def write(self, table: str, dataset: str, df: pl.DataFrame, lineage: Lineage) -> WriteResult:
+        """Store `df` as a version of `dataset`, make it the dataset's head, and record lineage."""
+        schema = self._schema(table)
+        missing = [c for c in schema if c not in df.columns]
+        if missing:
+            raise SandError(f"table '{table}': rows lack columns {missing}")
+        if not dataset or dataset.startswith("_"):
+            raise SandError(f"invalid dataset name {dataset!r}")
+        rows = df.select([pl.col(c).cast(t) for c, t in schema.items()])
+        version = content_hash(rows)
+        path = self.home / "datasets" / table / _folder(dataset) / f"{version}.parquet"
+        created = not path.exists()
+        if created:
+            _atomic_write(rows.with_columns(dataset=pl.lit(dataset), version=pl.lit(version)), path)
+        ref = DatasetRef(table, dataset, version)
+        now = datetime.now(timezone.utc)
+        _atomic_write(pl.DataFrame([{"table": table, "dataset": dataset, "version": version, "updated_at": now}],
+                                   schema=HEAD_SCHEMA),
+                      self.home / "heads" / table / f"{_folder(dataset)}.parquet")
+        self._record_lineage(ref, path, rows.height, lineage, now)
+        return WriteResult(ref, path, rows.height, created)
+
+    def _record_lineage(self, ref: DatasetRef, path: Path, rows: int, lineage: Lineage, now: datetime) -> None:
+        row = {
+            "asset": lineage.asset, "table": ref.table, "dataset": ref.dataset, "iteration": lineage.iteration,
+            "data_version": ref.version, "code_version": lineage.code_version, "run_id": lineage.run_id,
+            "inputs": [vars(i) for i in lineage.inputs], "row_count": rows, "path": str(path),
+            "metadata": json.dumps(lineage.metadata, sort_keys=True, default=str), "created_at": now,
+        }
+        stamp = now.strftime("%Y%m%dT%H%M%S%fZ")
+        _atomic_write(pl.DataFrame([row], schema=LINEAGE_SCHEMA),
+                      self.home / "lineage" / stamp[:8] / f"{stamp}-{ref.version}-{uuid.uuid4().hex[:6]}.parquet")
+
+    # --- reading -------------------------------------------------------------------------------
+
+    def head(self, table: str, dataset: str) -> DatasetRef | None:
+        path = self.home / "heads" / table / f"{_folder(dataset)}.parquet"
+        if not path.exists():
+            return None
+        return DatasetRef(table, dataset, pl.read_parquet(path)["version"][0])
+
+    def datasets(self, table: str) -> list[DatasetRef]:
+        """The current version of every dataset of a table."""
+        folder = self.home / "heads" / table
+        if not folder.exists():
+            return []
+        heads = pl.concat([pl.read_parquet(p) for p in sorted(folder.glob("*.parquet"))], how="vertical") \
+            if any(folder.glob("*.parquet")) else pl.DataFrame(schema=HEAD_SCHEMA)
+        return [DatasetRef(table, r["dataset"], r["version"]) for r in heads.sort("dataset").iter_rows(named=True)]
+
+    def read(self, table: str, dataset: str, version: str | None = None) -> pl.DataFrame:
+        """A dataset version's rows (the head when no version is given)."""
+        if version is None:
+            ref = self.head(table, dataset)
+            if ref is None:
+                raise SandError(f"no dataset '{dataset}' in table '{table}' under {self.home}")
+            version = ref.version
+        path = self.home / "datasets" / table / _folder(dataset) / f"{version}.parquet"
+        if not path.exists():
+            raise SandError(f"dataset '{dataset}' has no version {version} in table '{table}' ({path})")
+        return pl.read_parquet(path).select(list(self._schema(table)))
+
+    def _schema(self, table: str) -> dict[str, pl.DataType]:
+        if table not in TABLES:
+            raise SandError(f"unknown table '{table}'; tables: {', '.join(TABLES)}")
+        return TABLES[table]
+
+    # --- catalog -------------------------------------------------------------------------------
+
+    def _view_sql(self) -> dict[str, str]:
+        def glob(*parts: str) -> str:
+            return str(self.home.joinpath(*parts)).replace("'", "''")
+
+        heads = f"read_parquet('{glob('heads', '*', '*.parquet')}', union_by_name=true)"
+        views = {
+            "heads": f"select * from {heads}",
+            "lineage": f"select * from read_parquet('{glob('lineage', '*', '*.parquet')}', union_by_name=true)",
+        }
+        for table in TABLES:
+            views[f"{table}_all"] = (f"select * from read_parquet('{glob('datasets', table, '*', '*.parquet')}', "
+                                     "union_by_name=true)")
+            views[f"{table}_current"] = (f"select t.* from {table}_all t join heads h on h.\"table\" = '{table}' "
+                                         "and h.dataset = t.dataset and h.version = t.version")
+        # The trajectory views people query: one row per trajectory / per step, current versions.
+        views["trajectories"] = "select * exclude (steps) from trajectories_current"
+        views["steps"] = ("select id as trajectory_id, dataset, version, env, "
+                          "generate_subscripts(steps, 1) - 1 as step, unnest(steps, recursive := true) "
+                          "from trajectories_current")
+        return views
+
+    def connect(self, read_only: bool = False) -> duckdb.DuckDBPyConnection:
+        """Open the catalog with its views declared. Retries briefly if another process holds the lock."""
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                con = duckdb.connect(str(self.catalog_path), read_only=read_only and self.catalog_path.exists())
+                break
+            except duckdb.IOException as exc:
+                if "lock" not in str(exc).lower() or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        if not read_only:
+            for name, sql in self._view_sql().items():
+                con.execute(f"create or replace view {name} as {sql}")
+        return con
+
+    def sql(self, query: str) -> pl.DataFrame:
+        with self.connect() as con:
+            try:
+                return con.sql(query).pl()
+            except duckdb.Error as exc:
+                raise SandError(f"SQL error: {exc}") from None

@@ -1,0 +1,1 @@
+"""Dagster asset definitions: thin wiring from engine calls to versioned assets."""

@@ -1,0 +1,44 @@
+"""What the dataset assets share: their lineage record and their metadata (counts, schema, sample, version)."""
+from __future__ import annotations
+
+import polars as pl
+from dagster import AssetExecutionContext, DataVersion, MaterializeResult, MetadataValue, TableColumn, TableSchema
+
+from sand.store import Lineage, WriteResult
+
+
+def schema_of(df: pl.DataFrame) -> TableSchema:
+    return TableSchema(columns=[TableColumn(name, str(dtype)) for name, dtype in df.schema.items()])
+
+
+def sample_markdown(df: pl.DataFrame, rows: int = 5) -> str:
+    flat = df.head(rows).select([c for c, t in df.schema.items() if not isinstance(t, (pl.List, pl.Struct))])
+    with pl.Config(tbl_formatting="MARKDOWN", tbl_hide_column_data_types=True, tbl_hide_dataframe_shape=True,
+                   fmt_str_lengths=80, tbl_cols=-1):
+        return str(flat)
+
+
+def dataset_result(written: WriteResult, df: pl.DataFrame, **extra) -> MaterializeResult:
+    """A MaterializeResult whose data version is the stored dataset's content hash."""
+    counts = {}
+    if "env" in df.columns:
+        counts = {f"rows/{env}": n for env, n in df.group_by("env").len().sort("env").iter_rows()}
+    return MaterializeResult(
+        data_version=DataVersion(written.ref.version),
+        metadata={
+            "dagster/row_count": written.row_count,
+            "dagster/column_schema": schema_of(df),
+            "dataset": written.ref.dataset,
+            "version": written.ref.version,
+            "path": MetadataValue.path(str(written.path)),
+            "sample": MetadataValue.md(sample_markdown(df)),
+            **counts,
+            **extra,
+        },
+    )
+
+
+def lineage_for(context: AssetExecutionContext, **fields) -> Lineage:
+    """The lineage record of this materialization: asset key, code version, Dagster run id."""
+    return Lineage(asset=context.asset_key.to_user_string(), run_id=context.run_id,
+                   code_version=context.assets_def.code_versions_by_key[context.asset_key] or "", **fields)

@@ -1,0 +1,139 @@
+"""Expert trajectories D_0 and their sources: ScienceWorld gold paths, ALFWorld experts, ETO imports."""
+
+import hashlib
+from pathlib import Path
+
+from dagster import (
+    AssetCheckResult,
+    AssetExecutionContext,
+    AutomationCondition,
+    Config,
+    DataVersion,
+    DynamicPartitionsDefinition,
+    Failure,
+    MaterializeResult,
+    MetadataValue,
+    asset,
+    asset_check,
+)
+from pydantic import Field
+
+from resources import AlfWorldResource, SciWorldResource, StoreResource
+from sand import datasets
+from sand.errors import SandError
+from sand.experts import record_experts
+from sand.trajectory import Trajectory
+from sand.validation import trajectory_problems
+from sand.versioning import code_version
+from sand_assets.common import dataset_result, lineage_for
+
+GROUP = "expert_data"
+
+# One partition per ETO file dropped into SAND_HOME/inbox/<env>/; key "<env>/<file name>".
+eto_inbox_partitions = DynamicPartitionsDefinition(name="eto_inbox")
+
+
+def _progress(context: AssetExecutionContext, total: int, every: int = 10):
+    def log(i: int, t: Trajectory) -> None:
+        if (i + 1) % every == 0 or i + 1 == total:
+            context.log.info(f"{i + 1}/{total} expert trajectories recorded (last: {t.task_id}, reward {t.reward})")
+    return log
+
+
+def _keep_successes(context: AssetExecutionContext, trajectories: list[Trajectory]) -> tuple[list[Trajectory], int]:
+    """Demonstrations must succeed; a failing expert run is reported, not trained on."""
+    kept = [t for t in trajectories if t.reward is not None and t.reward >= 1.0]
+    for t in trajectories:
+        if t not in kept:
+            context.log.warning(f"expert did not solve {t.task_id} (reward {t.reward}); left out")
+    return kept, len(trajectories) - len(kept)
+
+
+class SciWorldExpertConfig(Config):
+    split: str = Field("train", description="ScienceWorld variation split the demonstrations come from")
+    tasks: list[str] = Field(default_factory=list, description="task names; empty means all 30")
+    variations_per_task: int = Field(2, description="first N variations of each task in the split")
+
+
+@asset(group_name=GROUP, kinds={"python", "parquet"},
+       code_version=code_version("sand.envs.sciworld", "sand.experts", "sand.store"))
+def sciworld_source_trajectories(context: AssetExecutionContext, config: SciWorldExpertConfig,
+                                 sciworld: SciWorldResource, store: StoreResource) -> MaterializeResult:
+    """ScienceWorld demonstrations: the environment's gold action paths, executed in the real JVM."""
+    with sciworld.open(config.tasks, config.variations_per_task) as env:
+        tasks = env.tasks(config.split)
+        context.log.info(f"recording gold paths for {len(tasks)} ScienceWorld variations ({config.split})")
+        recorded = record_experts(env, tasks, "gold", _progress(context, len(tasks)))
+    kept, dropped = _keep_successes(context, recorded)
+    lineage = lineage_for(context, metadata=config.model_dump())
+    written = datasets.write_source(store.store(), "sciworld", kept, lineage)
+    return dataset_result(written, store.store().read("source_trajectories", "sciworld"), expert_failures=dropped)
+
+
+@asset(group_name=GROUP, kinds={"python"}, code_version=code_version("sand.envs.alfworld_gen"))
+def alfworld_training_games(context: AssetExecutionContext, alfworld: AlfWorldResource) -> MaterializeResult:
+    """ALFWorld training games generated offline from PDDL (all six task types, classic wording)."""
+    from sand.envs.alfworld_gen import generate_games
+
+    games = generate_games(alfworld.train_games_dir, n=alfworld.train_games, seed=alfworld.train_seed)
+    digest = hashlib.sha256()
+    for game in sorted(games):
+        digest.update(game.name.encode() + (Path(game) / "game.tw-pddl").read_bytes())
+    context.log.info(f"{len(games)} training games in {alfworld.train_games_dir}")
+    return MaterializeResult(
+        data_version=DataVersion(digest.hexdigest()[:16]),
+        metadata={"games": len(games), "path": MetadataValue.path(str(alfworld.train_games_dir))},
+    )
+
+
+@asset(group_name=GROUP, deps=[alfworld_training_games], kinds={"python", "parquet"},
+       code_version=code_version("sand.envs.alfworld", "sand.envs.alfworld_expert", "sand.experts", "sand.store"))
+def alfworld_source_trajectories(context: AssetExecutionContext, alfworld: AlfWorldResource,
+                                 store: StoreResource) -> MaterializeResult:
+    """ALFWorld demonstrations on the generated training games, by the configured expert."""
+    with alfworld.open() as env:
+        tasks = env.tasks("train")
+        context.log.info(f"recording the {alfworld.expert} expert on {len(tasks)} ALFWorld training games")
+        recorded = record_experts(env, tasks, alfworld.expert, _progress(context, len(tasks)))
+    kept, dropped = _keep_successes(context, recorded)
+    lineage = lineage_for(context, metadata={"expert": alfworld.expert, "games": alfworld.train_games,
+                                             "seed": alfworld.train_seed})
+    written = datasets.write_source(store.store(), "alfworld", kept, lineage)
+    return dataset_result(written, store.store().read("source_trajectories", "alfworld"), expert_failures=dropped)
+
+
+@asset(group_name=GROUP, partitions_def=eto_inbox_partitions, kinds={"python", "parquet"},
+       code_version=code_version("sand.formats.eto", "sand.datasets", "sand.store", prompts=True))
+def imported_trajectories(context: AssetExecutionContext, store: StoreResource) -> MaterializeResult:
+    """An ETO/ShareGPT file from the inbox, validated record by record; a bad file stores nothing."""
+    env, name = context.partition_key.split("/", 1)
+    path = store.inbox(env) / name
+    lineage = lineage_for(context)
+    try:
+        written = datasets.import_eto(store.store(), path, env, lineage)
+    except SandError as exc:
+        raise Failure(description=str(exc)) from None
+    return dataset_result(written, store.store().read("source_trajectories", written.ref.dataset))
+
+
+@asset(group_name=GROUP, kinds={"python", "parquet"},
+       deps=[sciworld_source_trajectories, alfworld_source_trajectories, imported_trajectories],
+       automation_condition=AutomationCondition.eager(),
+       code_version=code_version("sand.datasets", "sand.store"))
+def expert_trajectories(context: AssetExecutionContext, store: StoreResource) -> MaterializeResult:
+    """D_0: every current source dataset as one expert set, the input of behaviour initialisation."""
+    lineage = lineage_for(context, iteration=0)
+    written = datasets.compose_expert(store.store(), lineage)
+    df = store.store().read("trajectories", datasets.EXPERT)
+    context.log.info(f"expert set {written.ref.version}: {written.row_count} trajectories "
+                     f"from {len(lineage.inputs)} sources")
+    return dataset_result(written, df, sources=", ".join(f"{r.dataset}@{r.version}" for r in lineage.inputs))
+
+
+@asset_check(asset=expert_trajectories, blocking=True)
+def expert_trajectories_schema(store: StoreResource) -> AssetCheckResult:
+    """Schema, unique ids, known envs, non-empty steps and actions, rewards in [0, 1]."""
+    df = store.store().read("trajectories", datasets.EXPERT)
+    problems = trajectory_problems(df)
+    return AssetCheckResult(passed=not problems, metadata={"problems": MetadataValue.md(
+        "\n".join(f"- {p}" for p in problems) or "none"), "rows": df.height})

@@ -1,0 +1,21 @@
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+DATA = Path(__file__).resolve().parent / "data"
+
+# The ALFWorld evaluation games sit beside the repository (never inside it).
+os.environ.setdefault("ALFWORLD_DATA", str(REPO.parent / "shared" / "data" / "alfworld"))
+# Tests share the cores with JVMs and each other: one torch thread avoids oversubscription.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture
+def sand_home(tmp_path, monkeypatch):
+    """A fresh SAND_HOME (and DAGSTER_HOME inside it) per test."""
+    home = tmp_path / "sand_home"
+    monkeypatch.setenv("SAND_HOME", str(home))
+    monkeypatch.setenv("DAGSTER_HOME", str(home / "dagster"))
+    return home

@@ -36,10 +36,6 @@ class Step:
     action: str
     observation: str
 
-    def assistant_text(self) -> str:
-        """The assistant turn as written in ReAct form."""
-        return f"Thought: {self.thought}\nAction: {self.action}" if self.thought else f"Action: {self.action}"
-
 
 @dataclass
 class Trajectory:

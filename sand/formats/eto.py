@@ -11,12 +11,10 @@ import json
 import re
 from pathlib import Path
 
-from sand import prompts
 from sand.errors import SandError, ValidationError
+from sand.react import conversation, parse_reply
 from sand.trajectory import ENVS, Step, Trajectory
 
-_ACTION = re.compile(r"^\s*Action\s*:\s*(.*?)\s*$", re.MULTILINE | re.IGNORECASE)
-_THOUGHT = re.compile(r"^\s*Thought\s*:\s*(.*?)(?=^\s*Action\s*:)", re.MULTILINE | re.IGNORECASE | re.DOTALL)
 _OBSERVATION = re.compile(r"^\s*Observation\s*:\s?", re.IGNORECASE)
 
 # ALFWorld task types, recognised from the goal sentence in the classic wording.
@@ -33,15 +31,6 @@ _ALFWORLD_TYPES = [
 def alfworld_task_type(task_text: str) -> str:
     goal = task_text.split("Your task is to:")[-1].lower()
     return next((name for pattern, name in _ALFWORLD_TYPES if pattern.search(goal)), "unknown")
-
-
-def parse_assistant(text: str) -> tuple[str, str] | None:
-    """(thought, action) from a ReAct assistant turn, or None if it has no action line."""
-    actions = _ACTION.findall(text)
-    if not actions or not actions[-1]:
-        return None
-    thought = _THOUGHT.search(text)
-    return (thought.group(1).strip() if thought else ""), actions[-1]
 
 
 def read_records(path: Path) -> list:
@@ -95,11 +84,11 @@ def _record_to_trajectory(rec, index: int, file: str, env: str, source: str, spl
     task_text = turns[2]["value"].strip()
     steps = []
     for i in range(3, len(turns), 2):
-        parsed = parse_assistant(turns[i]["value"])
-        if parsed is None:
+        reply = parse_reply(turns[i]["value"])
+        if reply.action is None:
             fail(f"conversations[{i}].value", "assistant turn has no 'Action: ...' line")
         observation = _OBSERVATION.sub("", turns[i + 1]["value"], count=1).strip() if i + 1 < len(turns) else ""
-        steps.append(Step(thought=parsed[0], action=parsed[1], observation=observation))
+        steps.append(Step(thought=reply.thought, action=reply.action, observation=observation))
     task = rec.get("task") or (alfworld_task_type(task_text) if env == "alfworld" else "unknown")
     return Trajectory(
         id=rec["id"], env=env, task=str(task), task_id=str(rec.get("task_id") or rec["id"]),
@@ -126,13 +115,12 @@ def load_eto(path: str | Path, env: str, source: str = "eto", split: str = "trai
 
 
 def to_record(t: Trajectory) -> dict:
-    turns = [("human", prompts.instruction(t.env)), ("gpt", "OK"), ("human", t.instruction)]
-    for step in t.steps:
-        turns.append(("gpt", step.assistant_text()))
-        turns.append(("human", f"Observation: {step.observation}"))
+    roles = {"user": "human", "assistant": "gpt"}
     return {
         "id": t.id, "env": t.env, "task": t.task, "task_id": t.task_id, "split": t.split, "source": t.source,
-        "reward": t.reward, "conversations": [{"from": f, "value": v} for f, v in turns],
+        "reward": t.reward,
+        "conversations": [{"from": roles[m["role"]], "value": m["content"]}
+                          for m in conversation(t.env, t.instruction, t.steps)],
     }
 
 

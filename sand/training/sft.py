@@ -1,0 +1,139 @@
+"""Supervised finetuning on ReAct trajectories with TRL's SFTTrainer (LoRA or full).
+
+Loss is on assistant turns only (the chat template marks them with `{% generation %}`). Long
+episodes are cut into windows of `history_steps` steps, each starting with the instruction, so that
+training sees the same bounded history the agent is prompted with. Training writes into
+`<output>.partial/` (with Trainer checkpoints, so an interrupted run resumes) and renames it to
+`<output>` only when done: a checkpoint folder is complete or absent.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import polars as pl
+
+from sand.react import conversation
+from sand.trajectory import Trajectory, from_frame
+
+
+@dataclass
+class TrainSpec:
+    base_model: str  # model folder
+    data: list[str]  # Parquet files of trajectories
+    output_dir: str
+    init_checkpoint: str | None = None  # continue from this adapter (LoRA) or model folder (full)
+    lora: bool = True
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    learning_rate: float = 5e-4
+    epochs: float = 1.0
+    max_steps: int = -1  # > 0 caps optimizer steps (quick runs); -1: epochs decide
+    per_device_batch_size: int = 2
+    gradient_accumulation_steps: int = 2
+    max_length: int = 1024
+    history_steps: int | None = 8
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = 0.03
+    seed: int = 0
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    save_steps: int = 50
+    extra_args: dict = field(default_factory=dict)  # any other SFTConfig field (DeepSpeed config, ...)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "TrainSpec":
+        return cls(**json.loads(text))
+
+
+def training_examples(trajectories: list[Trajectory], history_steps: int | None) -> list[dict]:
+    """Conversational examples (`{"messages": [...]}`), one per window of steps."""
+    examples = []
+    for t in trajectories:
+        window = history_steps or max(len(t.steps), 1)
+        for start in range(0, len(t.steps), window):
+            steps = t.steps[start:start + window]
+            examples.append({"messages": conversation(t.env, t.instruction, steps, final_observation=False)})
+    return examples
+
+
+def _load_model(spec: TrainSpec):
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if spec.bf16 else torch.float32
+    if not spec.lora:
+        return AutoModelForCausalLM.from_pretrained(spec.init_checkpoint or spec.base_model, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(spec.base_model, dtype=dtype)
+    if spec.init_checkpoint:
+        return PeftModel.from_pretrained(model, spec.init_checkpoint, is_trainable=True)
+    config = LoraConfig(r=spec.lora_r, lora_alpha=spec.lora_alpha, lora_dropout=spec.lora_dropout,
+                        target_modules="all-linear", task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def train(spec: TrainSpec, log: Callable[[dict], None] = lambda record: None) -> dict:
+    """Train, write the checkpoint folder, and return its metrics (loss curve, tokens, time)."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    output = Path(spec.output_dir)
+    if (output / "train_metrics.json").exists():  # already trained: the folder only appears when complete
+        return json.loads((output / "train_metrics.json").read_text())
+    partial = output.with_name(output.name + ".partial")
+    trajectories = [t for path in spec.data for t in from_frame(pl.read_parquet(path))]
+    examples = training_examples(trajectories, spec.history_steps)
+    tokenizer = AutoTokenizer.from_pretrained(spec.base_model)
+    curve: list[dict] = []
+
+    class Progress(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                record = {"step": state.global_step, "max_steps": state.max_steps, "loss": logs["loss"],
+                          "learning_rate": logs.get("learning_rate")}
+                curve.append(record)
+                log(record)
+
+    config = SFTConfig(
+        output_dir=str(partial), assistant_only_loss=True, max_length=spec.max_length,
+        num_train_epochs=spec.epochs, max_steps=spec.max_steps, learning_rate=spec.learning_rate,
+        per_device_train_batch_size=spec.per_device_batch_size,
+        gradient_accumulation_steps=spec.gradient_accumulation_steps,
+        lr_scheduler_type=spec.lr_scheduler, warmup_ratio=spec.warmup_ratio, seed=spec.seed, bf16=spec.bf16,
+        gradient_checkpointing=spec.gradient_checkpointing, logging_steps=1, save_steps=spec.save_steps,
+        save_total_limit=1, report_to=[], dataloader_num_workers=0, include_num_input_tokens_seen="non_padding",
+        **spec.extra_args,
+    )
+    trainer = SFTTrainer(model=_load_model(spec), args=config, train_dataset=Dataset.from_list(examples),
+                         processing_class=tokenizer, callbacks=[Progress()])
+    resume = any(partial.glob("checkpoint-*"))
+    started = time.monotonic()
+    result = trainer.train(resume_from_checkpoint=resume or None)
+    seconds = time.monotonic() - started
+    final = partial / "final"
+    trainer.save_model(str(final))
+    tokenizer.save_pretrained(str(final))
+    tokens = trainer.state.num_input_tokens_seen
+    metrics = {
+        "examples": len(examples), "trajectories": len(trajectories), "steps": result.global_step,
+        "train_loss": result.training_loss, "final_loss": curve[-1]["loss"] if curve else math.nan,
+        "seconds": round(seconds, 1), "tokens_per_second": round(tokens / seconds, 1) if seconds else None,
+        "resumed": resume, "loss_curve": curve, "lora": spec.lora,
+    }
+    (final / "train_metrics.json").write_text(json.dumps(metrics, indent=1))
+    if output.exists():
+        shutil.rmtree(output)
+    final.rename(output)
+    shutil.rmtree(partial, ignore_errors=True)
+    return metrics

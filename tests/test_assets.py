@@ -22,7 +22,7 @@ from sand_assets.expert_data import (
 from tests.conftest import DATA
 
 SMALL_SCIWORLD = {"ops": {"sciworld_source_trajectories": {"config": {
-    "tasks": ["find-living-thing", "measure-melting-point-known-substance"], "variations_per_task": 1}}}}
+    "tasks": ["find-plant", "lifespan-longest-lived"], "variations_per_task": 1}}}}
 
 
 def resources(home):

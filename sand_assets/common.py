@@ -40,5 +40,5 @@ def dataset_result(written: WriteResult, df: pl.DataFrame, **extra) -> Materiali
 
 def lineage_for(context: AssetExecutionContext, **fields) -> Lineage:
     """The lineage record of this materialization: asset key, code version, Dagster run id."""
-    return Lineage(asset=context.asset_key.to_user_string(), run_id=context.run_id,
+    return Lineage(asset=context.asset_key.to_user_string(), run_id=context.run.run_id,
                    code_version=context.assets_def.code_versions_by_key[context.asset_key] or "", **fields)

@@ -118,7 +118,9 @@ def imported_trajectories(context: AssetExecutionContext, store: StoreResource) 
 
 @asset(group_name=GROUP, kinds={"python", "parquet"},
        deps=[sciworld_source_trajectories, alfworld_source_trajectories, imported_trajectories],
-       automation_condition=AutomationCondition.eager(),
+       # D_0 follows any source that updates; sources never materialized (say, an import-only
+       # setup with no ScienceWorld data) must not hold it back.
+       automation_condition=AutomationCondition.eager().without(~AutomationCondition.any_deps_missing()),
        code_version=code_version("sand.datasets", "sand.store"))
 def expert_trajectories(context: AssetExecutionContext, store: StoreResource) -> MaterializeResult:
     """D_0: every current source dataset as one expert set, the input of behaviour initialisation."""

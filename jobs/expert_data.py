@@ -37,10 +37,6 @@ def eto_inbox_sensor(context: SensorEvaluationContext, store: StoreResource) -> 
 
 
 
-# The main job on the embedded default: every unpartitioned asset (inbox imports run per file).
-quickstart_job = define_asset_job("quickstart", selection=AssetSelection.all() - AssetSelection.assets(imported_trajectories),
-                                  description="The whole pipeline on the embedded default (README's first command).")
-
 automation_sensor = AutomationConditionSensorDefinition(
     "automation", target=AssetSelection.all(), minimum_interval_seconds=30,
     default_status=DefaultSensorStatus.RUNNING,

@@ -1,16 +1,20 @@
 """The code location: `dagster dev` (workspace.yaml) and `dagster asset materialize -m sand_assets.definitions`."""
-from __future__ import annotations
+from dagster import Definitions, PipesSubprocessClient, load_asset_checks_from_modules, load_assets_from_modules
 
-from dagster import Definitions, load_asset_checks_from_modules, load_assets_from_modules
-
-from jobs.expert_data import automation_sensor, eto_inbox_sensor, expert_data_job, import_job, quickstart_job
-from resources import AlfWorldResource, SciWorldResource, StoreResource
+from jobs.expert_data import automation_sensor, eto_inbox_sensor, expert_data_job, import_job
+from jobs.experiments import experiment_job
+from resources import AlfWorldResource, ComputeResource, SciWorldResource, StoreResource
+from sand.experiment import load_experiments
 from sand_assets import expert_data
+from sand_assets.models import build_model_assets
+
+experiments = load_experiments()
 
 defs = Definitions(
-    assets=load_assets_from_modules([expert_data]),
+    assets=[*load_assets_from_modules([expert_data]), *(a for e in experiments for a in build_model_assets(e))],
     asset_checks=load_asset_checks_from_modules([expert_data]),
-    jobs=[quickstart_job, expert_data_job, import_job],
+    jobs=[expert_data_job, import_job, *(experiment_job(e) for e in experiments)],
     sensors=[eto_inbox_sensor, automation_sensor],
-    resources={"store": StoreResource(), "sciworld": SciWorldResource(), "alfworld": AlfWorldResource()},
+    resources={"store": StoreResource(), "sciworld": SciWorldResource(), "alfworld": AlfWorldResource(),
+               "compute": ComputeResource(), "pipes": PipesSubprocessClient()},
 )

@@ -1,0 +1,115 @@
+"""Experiments as YAML files: model, backend, data, training, evaluation and SAND settings.
+
+One file in `experiments/` is one experiment; the Dagster code location builds one set of assets per
+file (`<name>/sft_checkpoint`, `<name>/iter_1/candidate_samples`, ...). Every field has a default,
+so a file names only what differs.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from sand.errors import SandError
+
+# `SAND_EXPERIMENTS` names another folder; by default the repository's experiments/.
+EXPERIMENTS_DIR = Path(os.environ.get("SAND_EXPERIMENTS", Path(__file__).resolve().parent.parent / "experiments"))
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BackendConfig(_Strict):
+    kind: Literal["transformers", "vllm", "openai"] = "transformers"
+    options: dict = Field(default_factory=dict, description="keyword options of the backend class")
+
+
+class TrainConfig(_Strict):
+    """Hyperparameters of one SFT run (see sand.training.sft.TrainSpec); paper: full FT, lr 1e-5, batch 64."""
+
+    lora: bool = True
+    lora_r: int = 16
+    lora_alpha: int = 32
+    learning_rate: float = 5e-4
+    epochs: float = 1.0
+    epochs_after_first: float = 1.0  # SAND iterations after the first (paper: 3 then 1)
+    max_steps: int = -1
+    per_device_batch_size: int = 2
+    gradient_accumulation_steps: int = 2
+    max_length: int = 1024
+    history_steps: int | None = 8
+    bf16: bool = False
+    launcher: list[str] = Field(default_factory=list,
+                                description="prefix of the training command, e.g. [accelerate, launch, "
+                                            "--config_file, configs/accelerate/deepspeed_zero3.yaml]")
+
+
+class EnvEval(_Strict):
+    splits: list[str]
+    tasks_per_split: int | None = None  # first N tasks of each split (after task filtering)
+    task_names: list[str] = Field(default_factory=list)  # ScienceWorld: restrict to these tasks
+    variations_per_task: int | None = None  # ScienceWorld: first N variations of each task
+    max_steps: int | None = None  # cap below the task's own limit (CPU budgets)
+
+
+class EvalConfig(_Strict):
+    envs: dict[str, EnvEval] = Field(default_factory=lambda: {
+        "alfworld": EnvEval(splits=["valid_seen", "valid_unseen"], tasks_per_split=10, max_steps=30),
+        "sciworld": EnvEval(splits=["dev", "test"], variations_per_task=1, tasks_per_split=10, max_steps=30),
+    })
+    pool_size: int = 8
+    history_steps: int | None = 8
+    max_new_tokens: int = 96
+
+
+class SandConfig(_Strict):
+    iterations: int = 1
+    n_samples: int = 5
+    temperature: float = 1.0
+    rollout_max_steps: int | None = 15
+    self_consistency: bool = True  # ablation: False = the base model invents the alternatives
+    critique: bool = True  # ablation: False = no rollouts, no critiques
+    expert_switch: bool = False
+
+
+class Experiment(_Strict):
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]*$", description="also the Dagster group and asset key prefix")
+    description: str = ""
+    base_model: str = "smollm2-135m"
+    backend: BackendConfig = Field(default_factory=BackendConfig)
+    train_data: dict[str, int | None] = Field(default_factory=lambda: {"alfworld": None, "sciworld": None},
+                                              description="env -> max trajectories of D_0 used (None: all)")
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluation: EvalConfig = Field(default_factory=EvalConfig)
+    sand: SandConfig = Field(default_factory=SandConfig)
+
+    def config_hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def load_experiment(path: str | Path) -> Experiment:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise SandError(f"{path}: cannot read experiment: {exc}") from None
+    raw.setdefault("name", path.stem)
+    try:
+        return Experiment.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise SandError(f"{path}: invalid experiment: {problems}") from None
+
+
+def load_experiments(folder: Path = EXPERIMENTS_DIR) -> list[Experiment]:
+    experiments = [load_experiment(p) for p in sorted(folder.glob("*.yaml"))]
+    names = [e.name for e in experiments]
+    if len(set(names)) != len(names):
+        raise SandError(f"{folder}: two experiments share a name: {names}")
+    return experiments

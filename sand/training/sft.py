@@ -40,7 +40,7 @@ class TrainSpec:
     max_length: int = 1024
     history_steps: int | None = 8
     lr_scheduler: str = "cosine"
-    warmup_ratio: float = 0.03
+    warmup: float = 0.03  # a fraction of training (< 1) or a number of steps
     seed: int = 0
     bf16: bool = False
     gradient_checkpointing: bool = False
@@ -110,7 +110,7 @@ def train(spec: TrainSpec, log: Callable[[dict], None] = lambda record: None) ->
         num_train_epochs=spec.epochs, max_steps=spec.max_steps, learning_rate=spec.learning_rate,
         per_device_train_batch_size=spec.per_device_batch_size,
         gradient_accumulation_steps=spec.gradient_accumulation_steps,
-        lr_scheduler_type=spec.lr_scheduler, warmup_ratio=spec.warmup_ratio, seed=spec.seed, bf16=spec.bf16,
+        lr_scheduler_type=spec.lr_scheduler, warmup_steps=spec.warmup, seed=spec.seed, bf16=spec.bf16,
         gradient_checkpointing=spec.gradient_checkpointing, logging_steps=1, save_steps=spec.save_steps,
         save_total_limit=1, report_to=[], dataloader_num_workers=0, include_num_input_tokens_seen="non_padding",
         **spec.extra_args,

@@ -2,15 +2,17 @@
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from sand import config
 from sand.envs.alfworld import TASK_TYPES, AlfWorldEnv, Engine, expert_cache_file, goal_library
 from sand.envs.alfworld_expert import parse_goal
-from sand.envs.alfworld_gen import classic_grammar, generate_games
+from sand.envs.alfworld_gen import ROOMS_FILE, build_room_templates, classic_grammar, generate_games
 from sand.envs.base import StepResult, TaskSpec
 from sand.errors import SandError
 from sand.experts import record_expert
@@ -130,6 +132,41 @@ def test_unplayable_game_and_missing_folder_name_the_game(env, tmp_path):
         env.reset(TaskSpec("alfworld", "pick_and_place_simple", "nowhere/trial_x", "valid_seen"))
     with pytest.raises(SandError, match="expert 'oracle'"):
         AlfWorldEnv(expert="oracle")
+
+
+def test_room_templates_are_built_from_a_split_folder(tmp_path):
+    """One valid_seen game per room type, copied: each room is that one game's room, counted exactly."""
+    seen = config.alfworld_data() / "json_2.1.1" / "valid_seen"
+    split = tmp_path / "valid_seen"
+    picked = {}
+    for traj_file in sorted(seen.glob("*/*/traj_data.json")):
+        room = json.loads(traj_file.read_text())["scene"]["scene_num"] // 100
+        if (traj_file.parent / "game.tw-pddl").exists() and room not in picked:
+            picked[room] = traj_file.parent
+    for folder in picked.values():
+        copy = split / folder.relative_to(seen)
+        copy.mkdir(parents=True)
+        for name in ("game.tw-pddl", "traj_data.json"):
+            shutil.copy(folder / name, copy / name)
+    templates = build_room_templates(split)
+    assert set(templates) == {"comment", "capacity", "rooms"}
+    assert "4 games of ALFWorld's valid_seen split only" in templates["comment"]
+    assert set(templates["rooms"]) == {"Kitchen", "LivingRoom", "Bedroom", "Bathroom"}
+    for room in templates["rooms"].values():
+        assert set(room) == {"receptacles", "objects"} and room["objects"]
+        for share, low, mode, high in [*room["receptacles"].values(), *room["objects"].values()]:
+            assert share == 1.0 and 1 <= low == mode == high
+        assert all(templates["capacity"][r] > 0 for r in room["receptacles"])
+    kitchen = json.loads((picked[0] / "game.tw-pddl").read_text())["pddl_problem"]
+    assert templates["rooms"]["Kitchen"]["receptacles"]["StoveBurner"][1] == kitchen.count("StoveBurnerType)")
+    with pytest.raises(SandError, match="held-out unseen"):
+        build_room_templates(tmp_path / "valid_unseen")
+
+
+def test_room_templates_are_rebuilt_from_valid_seen_only():
+    """rooms.json is exactly what the builder makes from valid_seen: no hand edits, no valid_unseen."""
+    seen = config.alfworld_data() / "json_2.1.1" / "valid_seen"
+    assert json.loads(ROOMS_FILE.read_text()) == build_room_templates(seen)
 
 
 def test_classic_grammar_is_the_one_real_games_embed(env):

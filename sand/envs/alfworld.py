@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import sys
+import threading
 from pathlib import Path
 
 import fast_downward
@@ -52,6 +53,11 @@ with _environ_kept("ALFWORLD_DATA"):
 # and depends only on the domain and problem text, which a game keeps: translate each game once per
 # process. TextWorld's PddlState calls fast_downward.pddl2sas and only reads the translated task.
 fast_downward.pddl2sas = functools.lru_cache(maxsize=32)(fast_downward.pddl2sas)
+
+# TextWorld parses commands and PDDL with module-level tatsu parsers, and the translator swaps sys.argv and
+# sys.stdout: engines driven from several threads (the rollout engine) crash or corrupt each other. They take
+# turns; the work is mostly Python holding the GIL, so little parallelism is lost.
+_ENGINE_LOCK = threading.Lock()
 
 TASK_TYPES = tuple(_ALFRED_TASK_TYPES.values())  # the six types AlfredTWEnv plays by default
 EXPERTS = ("observer", "planner")
@@ -118,7 +124,7 @@ class Engine:
     def reset(self, game: Path | dict, name: str) -> textworld.GameState:
         """Start `game` (a game folder, or the game.tw-pddl content); `name` identifies it in errors."""
         try:
-            with _argv_kept():
+            with _ENGINE_LOCK, _argv_kept():
                 key = str(game) if isinstance(game, Path) else None
                 if key is None or key != self._loaded:
                     self._loaded = None
@@ -129,7 +135,8 @@ class Engine:
             raise SandError(f"ALFWorld game {name}: the engine cannot load it ({error!r})") from error
 
     def step(self, command: str) -> textworld.GameState:
-        return self._env.step(command)[0]
+        with _ENGINE_LOCK:
+            return self._env.step(command)[0]
 
     def close(self) -> None:
         """Free the planner's memory. The library copy stays mapped: unloading several copies

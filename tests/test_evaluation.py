@@ -14,13 +14,6 @@ from sand.models.backends import TransformersBackend
 torch.set_num_threads(1)
 
 
-@pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as patch:
-        home = tmp_path_factory.mktemp("sand_home")
-        patch.setenv("SAND_HOME", str(home))
-        yield home
-
 
 @pytest.fixture(scope="module")
 def tiny(home):

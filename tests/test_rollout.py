@@ -52,13 +52,6 @@ def scripted_model(folder: Path, reply: str = SCRIPTED_REPLY) -> Path:
     return folder
 
 
-@pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as patch:
-        home = tmp_path_factory.mktemp("sand_home")
-        patch.setenv("SAND_HOME", str(home))
-        yield home
-
 
 @pytest.fixture(scope="module")
 def tiny(home):

@@ -73,8 +73,12 @@ class Lineage:
 class WriteResult:
     ref: DatasetRef
     path: Path
-    row_count: int
+    rows: pl.DataFrame  # the stored rows (schema columns, without dataset/version)
     created: bool  # False when this exact content was already stored
+
+    @property
+    def row_count(self) -> int:
+        return self.rows.height
 
 
 def content_hash(df: pl.DataFrame) -> str:
@@ -141,7 +145,7 @@ class Store:
                                    schema=HEAD_SCHEMA),
                       self.home / "heads" / table / f"{_folder(dataset)}.parquet")
         self._record_lineage(ref, path, rows.height, lineage, now)
-        return WriteResult(ref, path, rows.height, created)
+        return WriteResult(ref, path, rows, created)
 
     def _record_lineage(self, ref: DatasetRef, path: Path, rows: int, lineage: Lineage, now: datetime) -> None:
         row = {

@@ -18,8 +18,9 @@ def sample_markdown(df: pl.DataFrame, rows: int = 5) -> str:
         return str(flat)
 
 
-def dataset_result(written: WriteResult, df: pl.DataFrame, **extra) -> MaterializeResult:
+def dataset_result(written: WriteResult, **extra) -> MaterializeResult:
     """A MaterializeResult whose data version is the stored dataset's content hash."""
+    df = written.rows
     counts = {}
     if "env" in df.columns:
         counts = {f"rows/{env}": n for env, n in df.group_by("env").len().sort("env").iter_rows()}

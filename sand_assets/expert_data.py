@@ -42,9 +42,11 @@ def _progress(context: AssetExecutionContext, total: int, every: int = 10):
 
 def _keep_successes(context: AssetExecutionContext, trajectories: list[Trajectory]) -> tuple[list[Trajectory], int]:
     """Demonstrations must succeed; a failing expert run is reported, not trained on."""
-    kept = [t for t in trajectories if t.reward is not None and t.reward >= 1.0]
+    kept = []
     for t in trajectories:
-        if t not in kept:
+        if t.reward is not None and t.reward >= 1.0:
+            kept.append(t)
+        else:
             context.log.warning(f"expert did not solve {t.task_id} (reward {t.reward}); left out")
     return kept, len(trajectories) - len(kept)
 
@@ -67,7 +69,7 @@ def sciworld_source_trajectories(context: AssetExecutionContext, config: SciWorl
     kept, dropped = _keep_successes(context, recorded)
     lineage = lineage_for(context, metadata=config.model_dump())
     written = datasets.write_source(store.store(), "sciworld", kept, lineage)
-    return dataset_result(written, store.store().read("source_trajectories", "sciworld"), expert_failures=dropped)
+    return dataset_result(written, expert_failures=dropped)
 
 
 @asset(group_name=GROUP, kinds={"python"}, code_version=code_version("sand.envs.alfworld_gen"))
@@ -99,7 +101,7 @@ def alfworld_source_trajectories(context: AssetExecutionContext, alfworld: AlfWo
     lineage = lineage_for(context, metadata={"expert": alfworld.expert, "games": alfworld.train_games,
                                              "seed": alfworld.train_seed})
     written = datasets.write_source(store.store(), "alfworld", kept, lineage)
-    return dataset_result(written, store.store().read("source_trajectories", "alfworld"), expert_failures=dropped)
+    return dataset_result(written, expert_failures=dropped)
 
 
 @asset(group_name=GROUP, partitions_def=eto_inbox_partitions, kinds={"python", "parquet"},
@@ -113,7 +115,7 @@ def imported_trajectories(context: AssetExecutionContext, store: StoreResource) 
         written = datasets.import_eto(store.store(), path, env, lineage)
     except SandError as exc:
         raise Failure(description=str(exc)) from None
-    return dataset_result(written, store.store().read("source_trajectories", written.ref.dataset))
+    return dataset_result(written)
 
 
 @asset(group_name=GROUP, kinds={"python", "parquet"},
@@ -126,10 +128,9 @@ def expert_trajectories(context: AssetExecutionContext, store: StoreResource) ->
     """D_0: every current source dataset as one expert set, the input of behaviour initialisation."""
     lineage = lineage_for(context, iteration=0)
     written = datasets.compose_expert(store.store(), lineage)
-    df = store.store().read("trajectories", datasets.EXPERT)
     context.log.info(f"expert set {written.ref.version}: {written.row_count} trajectories "
                      f"from {len(lineage.inputs)} sources")
-    return dataset_result(written, df, sources=", ".join(f"{r.dataset}@{r.version}" for r in lineage.inputs))
+    return dataset_result(written, sources=", ".join(f"{r.dataset}@{r.version}" for r in lineage.inputs))
 
 
 @asset_check(asset=expert_trajectories, blocking=True)

@@ -104,7 +104,7 @@ def _iteration(exp: Experiment, k: int, data_key: AssetKey, checkpoint_key: Asse
                            lineage_for(context, iteration=k, inputs=[data, checkpoint]))
         uncertain = df["uncertain"].sum()
         context.log.info(f"{df.height} steps sampled, {uncertain} uncertain")
-        return dataset_result(written, df, uncertain_steps=int(uncertain),
+        return dataset_result(written, uncertain_steps=int(uncertain),
                               uncertain_rate=round(uncertain / df.height, 3) if df.height else 0.0)
 
     @asset(key=_key(exp, k, "action_critiques"), group_name=group, deps=[candidate_samples], pool="gpu",
@@ -153,7 +153,7 @@ def _iteration(exp: Experiment, k: int, data_key: AssetKey, checkpoint_key: Asse
         written = db.write("critiques", f"{exp.name}/iter_{k}", df, lineage_for(
             context, iteration=k, inputs=[*inputs, rollout_written.ref], metadata={"critic": exp.base_model}))
         verdicts = dict(df.group_by("verdict").len().iter_rows()) if df.height else {}
-        return dataset_result(written, df, rollouts=len(rollouts), critiques=df.height,
+        return dataset_result(written, rollouts=len(rollouts), critiques=df.height,
                               inferred_verdicts=int(df["verdict_inferred"].sum()) if df.height else 0,
                               **{f"verdict/{v}": n for v, n in verdicts.items()})
 
@@ -178,7 +178,7 @@ def _iteration(exp: Experiment, k: int, data_key: AssetKey, checkpoint_key: Asse
         df = to_frame(result.dataset)
         written = db.write("trajectories", name, df, lineage_for(
             context, iteration=k, inputs=[*inputs, deliberations.ref], metadata={"writer": exp.base_model}))
-        return dataset_result(written, df, deliberations=len(result.deliberations), fallbacks=result.fallbacks,
+        return dataset_result(written, deliberations=len(result.deliberations), fallbacks=result.fallbacks,
                               retries=result.retries, switched=len(result.switched))
 
     @asset(key=_key(exp, k, "finetuned_checkpoint"), group_name=group, deps=[deliberation_dataset, checkpoint_key],

@@ -144,7 +144,7 @@ def run_evaluation(context: AssetExecutionContext, exp: Experiment, store: Store
     summary = store.sql(f"select env, split, episodes, avg_reward, success_rate, format_error_rate, tokens_per_task "
                         f"from evaluation_summary where experiment = '{exp.name}' and agent = '{agent}'")
     flat = {f"{r['env']}/{r['split']}/avg_reward": r["avg_reward"] for r in summary.iter_rows(named=True)}
-    return dataset_result(written, store.read("evaluations", dataset), **flat)
+    return dataset_result(written, **flat)
 
 
 def build_model_assets(exp: Experiment) -> list[AssetsDefinition]:

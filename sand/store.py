@@ -5,6 +5,7 @@ Layout (all paths under SAND_HOME):
   datasets/<table>/_schema/empty.parquet         zero rows, full schema: views work before any data
   heads/<table>/<dataset>.parquet                which version of a dataset is current (a pointer)
   lineage/<day>/<time>-<version>.parquet         one row per materialization
+  run_failures/<day>/<run id>.parquet            one row per failed step of a failed Dagster run
   catalog.duckdb                                 views over the globs above
 
 A version is the content hash of the rows, so writing the same rows twice is a no-op and a
@@ -47,6 +48,15 @@ LINEAGE_SCHEMA = {
     "path": pl.Utf8,
     "metadata": pl.Utf8,  # JSON: anything else worth keeping (model hash, config, ...)
     "created_at": pl.Datetime("us", "UTC"),
+}
+
+RUN_FAILURE_SCHEMA = {
+    "run_id": pl.Utf8,
+    "job": pl.Utf8,
+    "step": pl.Utf8,  # null: the run failed outside any step (launch, run worker)
+    "assets": pl.List(pl.Utf8),  # what the failed step was materializing
+    "error": pl.Utf8,  # the innermost error: the user's exception, not Dagster's wrapper
+    "failed_at": pl.Datetime("us", "UTC"),
 }
 
 
@@ -114,6 +124,7 @@ class Store:
                                {**schema, "dataset": pl.Utf8, "version": pl.Utf8})
         self._ensure_empty(self.home / "heads" / "_schema" / "empty.parquet", HEAD_SCHEMA)
         self._ensure_empty(self.home / "lineage" / "_schema" / "empty.parquet", LINEAGE_SCHEMA)
+        self._ensure_empty(self.home / "run_failures" / "_schema" / "empty.parquet", RUN_FAILURE_SCHEMA)
 
     @staticmethod
     def _ensure_empty(path: Path, schema: dict) -> None:
@@ -157,6 +168,13 @@ class Store:
         stamp = now.strftime("%Y%m%dT%H%M%S%fZ")
         atomic_write(pl.DataFrame([row], schema=LINEAGE_SCHEMA),
                       self.home / "lineage" / stamp[:8] / f"{stamp}-{ref.version}-{uuid.uuid4().hex[:6]}.parquet")
+
+    def record_run_failure(self, run_id: str, rows: list[dict]) -> Path:
+        """Store a failed run's rows (RUN_FAILURE_SCHEMA); one file per run, so reporting it again replaces it."""
+        day = min(r["failed_at"] for r in rows).strftime("%Y%m%d")
+        path = self.home / "run_failures" / day / f"{_folder(run_id)}.parquet"
+        atomic_write(pl.DataFrame(rows, schema=RUN_FAILURE_SCHEMA), path)
+        return path
 
     # --- reading -------------------------------------------------------------------------------
 
@@ -206,6 +224,8 @@ class Store:
         views = {
             "heads": f"select * from {heads}",
             "lineage": f"select * from read_parquet('{glob('lineage', '*', '*.parquet')}', union_by_name=true)",
+            "run_failures": f"select * from read_parquet('{glob('run_failures', '*', '*.parquet')}', "
+                            "union_by_name=true) order by failed_at desc",
         }
         for table in TABLES:
             views[f"{table}_all"] = (f"select * from read_parquet('{glob('datasets', table, '*', '*.parquet')}', "

@@ -44,7 +44,7 @@ class TrainConfig(_Strict):
     gradient_accumulation_steps: int = 2
     max_length: int = 1024
     history_steps: int | None = 8
-    bf16: bool = False
+    bf16: bool | None = None  # None: bf16 where the GPU or CPU computes it natively
     launcher: list[str] = Field(default_factory=list,
                                 description="prefix of the training command, e.g. [accelerate, launch, "
                                             "--config_file, configs/accelerate/deepspeed_zero3.yaml]")

@@ -4,8 +4,8 @@ ALFWorld's own training games come from ALFRED scenes through a simulator we do 
 generator builds the same thing from PDDL: a room modelled on a real room type
 (`alfworld_templates/rooms.json`), objects placed by ALFRED's placement rules, one of the six
 task types with ALFWorld's goal (PDDL and sentence), ALFWorld's PDDL domain and grammar in the
-classic wording. Every game is kept only once both the observing expert (within 50 steps) and the
-PDDL planner have won it in the real engine; their actions go to the expert cache on the way.
+classic wording. Every game is kept only once the observing expert has won it within 50 steps in the
+real engine (which proves it solvable); its actions go to the expert cache on the way.
 
 `rooms.json` is measured, not hand-written: `build_room_templates` derives it from the games of one
 split, and it must be ALFWorld's valid_seen (whose rooms are those of ALFWorld's training set), never
@@ -294,15 +294,6 @@ def _sample_game(rng: random.Random, task_type: str, trial: str) -> tuple[dict, 
     return game, traj
 
 
-def _planner_wins(engine: Engine, game: dict, name: str) -> tuple[list[str], bool]:
-    """The planner's walkthrough and whether playing it wins (`engine` made with walkthrough=True)."""
-    state = engine.reset(game, name)
-    plan = list(state["extra.walkthrough"])
-    for action in plan:
-        state = engine.step(action)
-    return plan, bool(state["won"])
-
-
 def generate_games(out_dir: str | Path, n: int, seed: int, task_types: Iterable[str] | None = None) -> list[Path]:
     """Make `n` games under `out_dir` (task types in turn) and return their folders.
 
@@ -314,7 +305,7 @@ def generate_games(out_dir: str | Path, n: int, seed: int, task_types: Iterable[
     if unknown:
         raise SandError(f"ALFWorld task types {unknown} are unknown: use {', '.join(TASK_TYPES)}")
     out_dir = Path(out_dir)
-    engines: dict[str, Engine] = {}
+    engine: Engine | None = None
     folders = []
     try:
         for i in range(n):
@@ -324,24 +315,23 @@ def generate_games(out_dir: str | Path, n: int, seed: int, task_types: Iterable[
             if existing:
                 folders.append(existing[0].parent)
                 continue
-            if not engines:
-                engines = {"observer": Engine(), "planner": Engine(walkthrough=True)}
-            folders.append(_generate_one(out_dir, task_type, trial, random.Random(f"{seed}:{i}:{task_type}"), engines))
+            engine = engine or Engine()
+            folders.append(_generate_one(out_dir, task_type, trial, random.Random(f"{seed}:{i}:{task_type}"), engine))
     finally:
-        for engine in engines.values():
+        if engine is not None:
             engine.close()
     return folders
 
 
-def _generate_one(out_dir: Path, task_type: str, trial: str, rng: random.Random, engines: dict[str, Engine]) -> Path:
-    """Sample games until one is won by both experts; write it and cache their actions."""
+def _generate_one(out_dir: Path, task_type: str, trial: str, rng: random.Random, engine: Engine) -> Path:
+    """Sample games until the observer expert wins one within MAX_STEPS; write it and cache its actions.
+
+    The observer's win proves the game solvable; the PDDL planner (seconds per game) runs only if
+    an experiment asks for the planner expert."""
     for _ in range(MAX_ATTEMPTS):
         game, traj = _sample_game(rng, task_type, trial)
-        observer, won = run_observer(engines["observer"], game, trial)
+        observer, won = run_observer(engine, game, trial)
         if not won or len(observer) > MAX_STEPS:
-            continue
-        planner, won = _planner_wins(engines["planner"], game, trial)
-        if not won:
             continue
         params = traj["pddl_params"]
         task_name = [task_type, params["object_target"], "None", params["parent_target"] or params["toggle_target"],
@@ -351,7 +341,6 @@ def _generate_one(out_dir: Path, task_type: str, trial: str, rng: random.Random,
         (folder / "game.tw-pddl").write_text(json.dumps(game))
         (folder / "traj_data.json").write_text(json.dumps(traj, indent=2))  # last: it marks the game complete
         store_expert(folder, "observer", observer)
-        store_expert(folder, "planner", planner)
         return folder
     raise SandError(f"ALFWorld generator: no {task_type} game for {out_dir / trial} after {MAX_ATTEMPTS} tries")
 

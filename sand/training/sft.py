@@ -42,7 +42,7 @@ class TrainSpec:
     lr_scheduler: str = "cosine"
     warmup: float = 0.03  # a fraction of training (< 1) or a number of steps
     seed: int = 0
-    bf16: bool = False
+    bf16: bool | None = None  # None: where the hardware computes in bf16 (sand.models.registry.bf16_capable)
     gradient_checkpointing: bool = False
     save_steps: int = 50
     extra_args: dict = field(default_factory=dict)  # any other SFTConfig field (DeepSpeed config, ...)
@@ -66,12 +66,12 @@ def training_examples(trajectories: list[Trajectory], history_steps: int | None)
     return examples
 
 
-def _load_model(spec: TrainSpec):
+def _load_model(spec: TrainSpec, bf16: bool):
     import torch
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    dtype = torch.bfloat16 if spec.bf16 else torch.float32
+    dtype = torch.bfloat16 if bf16 else torch.float32
     if not spec.lora:
         return AutoModelForCausalLM.from_pretrained(spec.init_checkpoint or spec.base_model, dtype=dtype)
     model = AutoModelForCausalLM.from_pretrained(spec.base_model, dtype=dtype)
@@ -84,14 +84,18 @@ def _load_model(spec: TrainSpec):
 
 def train(spec: TrainSpec, log: Callable[[dict], None] = lambda record: None) -> dict:
     """Train, write the checkpoint folder, and return its metrics (loss curve, tokens, time)."""
+    import torch
     from datasets import Dataset
     from transformers import AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
+
+    from sand.models.registry import bf16_capable
 
     output = Path(spec.output_dir)
     if (output / "train_metrics.json").exists():  # already trained: the folder only appears when complete
         return json.loads((output / "train_metrics.json").read_text())
     partial = output.with_name(output.name + ".partial")
+    bf16 = bf16_capable() if spec.bf16 is None else spec.bf16
     trajectories = [t for path in spec.data for t in from_frame(pl.read_parquet(path))]
     examples = training_examples(trajectories, spec.history_steps)
     tokenizer = AutoTokenizer.from_pretrained(spec.base_model)
@@ -110,12 +114,13 @@ def train(spec: TrainSpec, log: Callable[[dict], None] = lambda record: None) ->
         num_train_epochs=spec.epochs, max_steps=spec.max_steps, learning_rate=spec.learning_rate,
         per_device_train_batch_size=spec.per_device_batch_size,
         gradient_accumulation_steps=spec.gradient_accumulation_steps,
-        lr_scheduler_type=spec.lr_scheduler, warmup_steps=spec.warmup, seed=spec.seed, bf16=spec.bf16,
+        lr_scheduler_type=spec.lr_scheduler, warmup_steps=spec.warmup, seed=spec.seed, bf16=bf16,
         gradient_checkpointing=spec.gradient_checkpointing, logging_steps=1, save_steps=spec.save_steps,
         save_total_limit=1, report_to=[], dataloader_num_workers=0, include_num_input_tokens_seen="non_padding",
+        use_cpu=not torch.cuda.is_available(),  # Trainer refuses bf16 on a CPU unless told it is one
         **spec.extra_args,
     )
-    trainer = SFTTrainer(model=_load_model(spec), args=config, train_dataset=Dataset.from_list(examples),
+    trainer = SFTTrainer(model=_load_model(spec, bf16), args=config, train_dataset=Dataset.from_list(examples),
                          processing_class=tokenizer, callbacks=[Progress()])
     resume = any(partial.glob("checkpoint-*"))
     started = time.monotonic()
@@ -129,7 +134,7 @@ def train(spec: TrainSpec, log: Callable[[dict], None] = lambda record: None) ->
         "examples": len(examples), "trajectories": len(trajectories), "steps": result.global_step,
         "train_loss": result.training_loss, "final_loss": curve[-1]["loss"] if curve else math.nan,
         "seconds": round(seconds, 1), "tokens_per_second": round(tokens / seconds, 1) if seconds else None,
-        "resumed": resume, "loss_curve": curve, "lora": spec.lora,
+        "resumed": resume, "loss_curve": curve, "lora": spec.lora, "bf16": bf16,
     }
     (final / "train_metrics.json").write_text(json.dumps(metrics, indent=1))
     if output.exists():

@@ -13,7 +13,7 @@ expert_data_job = define_asset_job(
     description="Generate ALFWorld training games, record ScienceWorld and ALFWorld experts, compose D_0.",
 )
 
-import_job = define_asset_job("import_eto", selection=[imported_trajectories], partitions_def=eto_inbox_partitions,
+import_job = define_asset_job("import_eto", selection=[imported_trajectories],
                               description="Import one ETO file from the inbox (partition = <env>/<file>).")
 
 

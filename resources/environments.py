@@ -27,13 +27,19 @@ class AlfWorldResource(ConfigurableResource):
     expert: str = Field("observer", description="'observer' (acts only on what it saw) or 'planner' (PDDL)")
     train_games: int = Field(30, description="number of generated training games")
     train_seed: int = Field(0, description="seed of the training game generator")
+    heldout_games: int = Field(24, description="number of generated held-out games (the `heldout` split)")
+    heldout_seed: int = Field(1, description="seed of the held-out games; must differ from train_seed")
 
     @property
     def train_games_dir(self) -> Path:
         return sand_home() / "games" / "alfworld" / f"train-seed{self.train_seed}"
 
+    @property
+    def heldout_games_dir(self) -> Path:
+        return sand_home() / "games" / "alfworld" / f"heldout-seed{self.heldout_seed}"
+
     def open(self, games_per_split: int | None = None):
         from sand.envs.alfworld import AlfWorldEnv
 
         return AlfWorldEnv(max_steps=self.max_steps, expert=self.expert, games_per_split=games_per_split,
-                           train_games_dir=self.train_games_dir)
+                           train_games_dir=self.train_games_dir, heldout_games_dir=self.heldout_games_dir)

@@ -53,15 +53,24 @@ def cmd_sql(args) -> None:
 def cmd_run(args) -> None:
     from dagster import DagsterInstance
 
-    from sand_assets.definitions import defs
+    from sand.report import format_report
+    from sand_assets.definitions import defs, experiments
 
     job = defs.resolve_job_def(args.job)
     with DagsterInstance.get() as instance:
         result = job.execute_in_process(instance=instance, raise_on_error=False)
     print(f"run {result.run_id}: {'succeeded' if result.success else 'FAILED'} (job {args.job}; "
           f"DAGSTER_HOME={os.environ['DAGSTER_HOME']})")
+    if args.job in {e.name for e in experiments}:
+        print(format_report(_store(), args.job))
     if not result.success:
         raise SystemExit(1)
+
+
+def cmd_report(args) -> None:
+    from sand.report import format_report
+
+    print(format_report(_store(), args.experiment))
 
 
 def cmd_ui(args) -> None:
@@ -95,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run a Dagster job in this process, recorded in DAGSTER_HOME")
     p.add_argument("job", nargs="?", default="quickstart")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("report", help="an experiment's scoreboard: agents (base, sft, iter_k) x env/split")
+    p.add_argument("experiment", nargs="?", default="quickstart")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("ui", help="start the Dagster UI (dagster dev) on this project")
     p.add_argument("--port", type=int, default=3000)

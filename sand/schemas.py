@@ -87,7 +87,8 @@ select experiment, agent, iteration, checkpoint, env, split, count(*) as episode
        round(avg(reward / greatest(steps, 1)), 4) as per_step_reward,
        round(sum(deliberation_steps) / greatest(sum(steps), 1), 3) as deliberation_rate,
        round(avg(prompt_tokens + completion_tokens)) as tokens_per_task,
-       round(sum(format_errors) / greatest(sum(steps), 1), 3) as format_error_rate
+       round(sum(format_errors) / greatest(sum(steps), 1), 3) as format_error_rate,
+       round(sum(invalid_actions) / greatest(sum(steps), 1), 3) as invalid_action_rate
 from evaluations
 group by all
 order by experiment, env, split, iteration nulls first, agent

@@ -259,9 +259,10 @@ class Store:
                 con.execute(f"create or replace view {name} as {sql}")
         return con
 
-    def sql(self, query: str) -> pl.DataFrame:
+    def sql(self, query: str, params: list | None = None) -> pl.DataFrame:
+        """Run `query` on the catalog; `params` fill its `?` placeholders."""
         with self.connect() as con:
             try:
-                return con.sql(query).pl()
+                return con.sql(query, params=params).pl()
             except duckdb.Error as exc:
                 raise SandError(f"SQL error: {exc}") from None

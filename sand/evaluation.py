@@ -1,23 +1,23 @@
 """The evaluation harness: greedy episodes through the rollout engine, one record per episode, and
 the paper's per-split metrics (design/sand-method.md, "Metrics").
 
-Resumable per episode: with `results_path`, each record is appended to a JSONL file as its episode
-ends (flushed and fsynced), and a rerun skips the tasks that file already holds for the same
-adapter. The key is (env, task_id, adapter identity) only: use one file per model and settings.
+Resumable per episode: with a work log (`sand.worklog.WorkLog`), each record is appended as its episode
+ends, and a rerun skips the tasks the log already holds for the same adapter. The key is (env, task_id,
+adapter identity) only: use one log per model and evaluation settings. The per-split metrics are the
+catalog's `evaluation_summary` view (sand.schemas).
 """
 from __future__ import annotations
 
-import json
-import os
 import re
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
+
+import polars as pl
 
 from sand.envs.base import Environment, TaskSpec
 from sand.models.backends import Backend, SamplingParams, _adapter_key
 from sand.rollout import EpisodeRequest, EpisodeResult, RolloutEngine
+from sand.worklog import WorkLog
 
 # Phrases a deliberation thought uses (lowercase); the deliberation synthesis prompt writes them.
 DELIBERATION_MARKERS = ("candidate action", "candidates:", "options:", "let me compare", "let me weigh",
@@ -83,69 +83,29 @@ def adapter_identity(adapter: str | None) -> str:
     return f"{folder}@{mtime}"
 
 
-def _recorded(path: Path, identity: str) -> dict[tuple[str, str], EpisodeRecord]:
+def _recorded(log: WorkLog | None, identity: str) -> dict[tuple[str, str], EpisodeRecord]:
+    if log is None or not log.exists():
+        return {}
     names = [f.name for f in fields(EpisodeRecord)]
-    done = {}
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:  # the last line of a run killed mid-write
-            continue
-        if row.get("adapter") == identity:
-            done[row["env"], row["task_id"]] = EpisodeRecord(**{n: row[n] for n in names})
-    return done
-
-
-def _open_for_append(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    out = path.open("a")
-    if out.tell() and not path.read_bytes().endswith(b"\n"):
-        out.write("\n")  # keep a torn last line from swallowing the next record
-    return out
+    rows = log.frame().filter(pl.col("adapter") == identity).iter_rows(named=True)
+    return {(r["env"], r["task_id"]): EpisodeRecord(**{n: r[n] for n in names}) for r in rows}
 
 
 def evaluate(backend: Backend, make_env: Callable[[], Environment], tasks: list[TaskSpec],
              adapter: str | None = None, pool_size: int = 8, history_steps: int | None = None,
              max_steps: int | None = None, max_new_tokens: int = 128,
-             results_path: Path | None = None) -> list[EpisodeRecord]:
+             log: WorkLog | None = None) -> list[EpisodeRecord]:
     """One greedy episode per task (in `tasks` order; duplicates run once); see the module doc for
     resuming. `max_steps` caps episodes below the task's own limit (None: the task's limit)."""
     identity = adapter_identity(adapter)
-    done = _recorded(Path(results_path), identity) if results_path else {}
+    done = _recorded(log, identity)
     todo = list({(t.env, t.task_id): t for t in tasks if (t.env, t.task_id) not in done}.values())
     if todo:
         params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens)
-        with RolloutEngine(backend, make_env, pool_size, params, history_steps) as engine, \
-                (_open_for_append(Path(results_path)) if results_path else nullcontext()) as out:
+        with RolloutEngine(backend, make_env, pool_size, params, history_steps) as engine:
             for result in engine.run([EpisodeRequest(t, max_steps=max_steps) for t in todo], adapter):
                 record = record_of(result)
                 done[record.env, record.task_id] = record
-                if out is not None:
-                    out.write(json.dumps({"adapter": identity, **asdict(record)}) + "\n")
-                    out.flush()
-                    os.fsync(out.fileno())
+                if log is not None:
+                    log.append(pl.DataFrame([{"adapter": identity, **asdict(record)}]))
     return [done[t.env, t.task_id] for t in tasks]
-
-
-def summarize(records: list[EpisodeRecord]) -> list[dict]:
-    """The paper's metrics per (env, split), sorted: n; avg_reward and success_rate x100; per-step
-    reward (mean of reward / steps); deliberation, format-error and invalid-action rates per step;
-    tokens per task (prompt + completion, as the store's summary view) and generated tokens per task."""
-    groups: dict[tuple[str, str], list[EpisodeRecord]] = {}
-    for r in records:
-        groups.setdefault((r.env, r.split), []).append(r)
-    rows = []
-    for (env, split), group in sorted(groups.items()):
-        n, steps = len(group), max(sum(r.steps for r in group), 1)
-        rows.append({
-            "env": env, "split": split, "n": n,
-            "avg_reward": 100 * sum(r.reward for r in group) / n,
-            "success_rate": 100 * sum(r.success for r in group) / n,
-            "per_step_reward": sum(r.reward / max(r.steps, 1) for r in group) / n,
-            "deliberation_rate": sum(r.deliberation_steps for r in group) / steps,
-            "tokens_per_task": sum(r.prompt_tokens + r.completion_tokens for r in group) / n,
-            "completion_tokens_per_task": sum(r.completion_tokens for r in group) / n,
-            "format_error_rate": sum(r.format_errors for r in group) / steps,
-            "invalid_action_rate": sum(r.invalid_actions for r in group) / steps,
-        })
-    return rows

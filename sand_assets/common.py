@@ -1,10 +1,15 @@
-"""What the dataset assets share: their lineage record and their metadata (counts, schema, sample, version)."""
+"""What the dataset assets share: their lineage record and their metadata (counts, schema, sample, version),
+and the content keys of their resumable work."""
 from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
 
 import polars as pl
 from dagster import AssetExecutionContext, DataVersion, MaterializeResult, MetadataValue, TableColumn, TableSchema
 
-from sand.store import Lineage, WriteResult
+from sand.store import Lineage, Store, WriteResult
 
 
 def schema_of(df: pl.DataFrame) -> TableSchema:
@@ -37,6 +42,14 @@ def dataset_result(written: WriteResult, **extra) -> MaterializeResult:
             **extra,
         },
     )
+
+
+def work_dir(store: Store, stage: str, **key) -> Path:
+    """The work-log folder of `stage` for the work `key` names: every input version and setting the work
+    depends on, never the experiment's name. Experiments that do the same work (an ablation branching
+    off the same SFT checkpoint, a rerun) therefore find it done and do not compute it again."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return store.home / "work" / stage / digest
 
 
 def lineage_for(context: AssetExecutionContext, **fields) -> Lineage:

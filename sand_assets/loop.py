@@ -32,9 +32,10 @@ from sand.store import DatasetRef, Store
 from sand.trajectory import from_frame, to_frame
 from sand.versioning import code_version
 from sand.worklog import WorkLog
-from sand_assets.common import dataset_result, env_factory, lineage_for
+from sand_assets.common import dataset_result, env_factory, lineage_for, work_dir
 from sand_assets.models import (
     agent_backend,
+    agent_identity,
     checkpoint_dataset,
     evaluation_data,
     make_backend_for,
@@ -99,7 +100,9 @@ def _iteration(exp: Experiment, k: int, data_key: AssetKey, checkpoint_key: Asse
         checkpoint, _ = _checkpoint(db, exp, k - 1)
         items = []
         if s.self_consistency:
-            log = WorkLog(db.home / "work" / exp.name / f"iter_{k}" / f"candidates-{data.version}-{checkpoint.version}")
+            log = WorkLog(work_dir(db, "candidates", data=data.version, agent=agent_identity(exp, db, checkpoint),
+                                   backend=exp.backend.model_dump(), n=s.n_samples, temperature=s.temperature,
+                                   history=exp.train.history_steps))
             items = candidates_from_frame(log.frame()) if log.exists() else []
             done = {(c.trajectory_id, c.step) for c in items}
             with agent_backend(exp, compute, db, checkpoint) as (backend, adapter):
@@ -130,7 +133,11 @@ def _iteration(exp: Experiment, k: int, data_key: AssetKey, checkpoint_key: Asse
             from sand.models.registry import model_hash, resolve_model
 
             critic = f"{exp.base_model}@{model_hash(resolve_model(exp.base_model))}"
-            work = db.home / "work" / exp.name / f"iter_{k}" / f"critiques-{candidates_ref.version}"
+            work = work_dir(db, "critiques", candidates=candidates_ref.version, data=data.version, critic=critic,
+                            agent=agent_identity(exp, db, checkpoint), backend=exp.backend.model_dump(),
+                            temperature=s.temperature, rollout_max_steps=s.rollout_max_steps,
+                            max_new_tokens=exp.evaluation.max_new_tokens, history=exp.train.history_steps,
+                            envs={"sciworld": sciworld.model_dump(), "alfworld": alfworld.model_dump()})
             rollout_log, critique_log = WorkLog(work / "rollouts"), WorkLog(work / "critiques")
             rollouts = rollouts_from_frame(rollout_log.frame()) if rollout_log.exists() else []
             critiques = critiques_from_frame(critique_log.frame()) if critique_log.exists() else []

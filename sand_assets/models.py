@@ -12,6 +12,7 @@ import json
 import os
 import sys
 from contextlib import contextmanager
+from pathlib import Path
 
 import polars as pl
 from dagster import (
@@ -33,7 +34,7 @@ from sand.store import DatasetRef, Store
 from sand.training.sft import TrainSpec
 from sand.versioning import code_version
 from sand.worklog import WorkLog
-from sand_assets.common import dataset_result, env_factory, lineage_for
+from sand_assets.common import dataset_result, env_factory, lineage_for, work_dir
 from sand_assets.expert_data import alfworld_heldout_games, expert_trajectories
 
 
@@ -66,6 +67,15 @@ def make_backend_for(exp: Experiment, compute: ComputeResource, model: str | Non
     return make_backend(exp.backend.kind, model_path=resolve_model(model or exp.base_model), **options)
 
 
+def agent_identity(exp: Experiment, store: Store, checkpoint: DatasetRef | None) -> str:
+    """What the agent's weights are: the base model's hash, or the checkpoint folder (named by its training)."""
+    from sand.models.registry import model_hash, resolve_model
+
+    if checkpoint is None:
+        return f"base@{model_hash(resolve_model(exp.base_model))}"
+    return Path(store.read("checkpoints", checkpoint.dataset, checkpoint.version)["path"][0]).name
+
+
 @contextmanager
 def agent_backend(exp: Experiment, compute: ComputeResource, store: Store, checkpoint: DatasetRef | None):
     """(backend, adapter) acting as the agent of `checkpoint` (None: the base model).
@@ -92,7 +102,8 @@ def train_checkpoint(context: AssetExecutionContext, exp: Experiment, store: Sto
     identity = json.dumps({"base": base_hash, "data": data.version, "init": init, "epochs": epochs, "train": train,
                            "code": code_version("sand.training.sft", "sand.react", prompts=True)}, sort_keys=True)
     version = hashlib.sha256(identity.encode()).hexdigest()[:16]
-    output = store.home / "checkpoints" / exp.name / f"iter_{iteration}" / version
+    # Named by what made it, not by experiment: experiments that would train the same thing share it.
+    output = store.home / "checkpoints" / version
     spec = TrainSpec(base_model=str(base), data=[str(store.path(data))],
                      output_dir=str(output), init_checkpoint=init, epochs=epochs, **train)
     command = [*exp.train.launcher, "-m", "sand.training.pipes_main"] if exp.train.launcher \
@@ -126,10 +137,10 @@ def run_evaluation(context: AssetExecutionContext, exp: Experiment, store: Store
     """Greedy episodes of `agent` on the experiment's evaluation splits; per-episode rows land in `evaluations`."""
     from sand.evaluation import evaluate
 
-    # Finished episodes are reused only under the same evaluation settings.
-    settings = hashlib.sha256(exp.evaluation.model_dump_json().encode()).hexdigest()[:8]
-    work = store.home / "work" / exp.name / agent / f"{checkpoint.version if checkpoint else 'base'}-{settings}"
     rows = []
+    # Finished episodes are reused for the same agent weights, backend and evaluation settings.
+    work = work_dir(store, "evaluation", agent=agent_identity(exp, store, checkpoint),
+                    backend=exp.backend.model_dump(), settings=exp.evaluation.model_dump())
     with agent_backend(exp, compute, store, checkpoint) as (backend, adapter):
         for env_name, cfg in exp.evaluation.envs.items():
             factory = env_factory(env_name, sciworld, alfworld, **(

@@ -80,3 +80,18 @@ def test_one_sand_iteration_end_to_end(sand_home):
         again = materialize([*expert, *model, *loop], selection=loop, resources=resources, instance=instance)
         assert again.success
         assert sorted(p.name for p in (sand_home / "datasets").rglob("*.parquet")) == before
+
+        # An ablation branching off the same SFT: its checkpoint and samples are found, not recomputed.
+        ablation = exp.model_copy(update={"name": "tiny_no_critique",
+                                          "sand": exp.sand.model_copy(update={"critique": False})})
+        trained = sorted((sand_home / "checkpoints").iterdir())
+        model_b, loop_b = build_model_assets(ablation), build_loop_assets(ablation)
+        branch = materialize([*expert, *model_b, *loop_b], selection=[*model_b[:2], loop_b[0]],
+                             resources=resources, instance=instance)
+        assert branch.success
+        assert sorted((sand_home / "checkpoints").iterdir()) == trained  # no second SFT run
+        assert len(list((sand_home / "work" / "candidates").iterdir())) == 1
+        versions = store.sql("select distinct version from candidates where dataset like 'tiny%/iter_1'")
+        assert versions.height == 1
+        paths = store.sql("select distinct path from checkpoints where iteration = 0")
+        assert paths.height == 1

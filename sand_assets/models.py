@@ -76,17 +76,31 @@ def agent_identity(exp: Experiment, store: Store, checkpoint: DatasetRef | None)
     return Path(store.read("checkpoints", checkpoint.dataset, checkpoint.version)["path"][0]).name
 
 
+def _merges_adapters(exp: Experiment) -> bool:
+    """vLLM's CPU build serves LoRA adapters ~9x slower than merged weights (sand.models.registry.merged_model)."""
+    import torch
+
+    return exp.backend.kind == "vllm" and not torch.cuda.is_available()
+
+
 @contextmanager
 def agent_backend(exp: Experiment, compute: ComputeResource, store: Store, checkpoint: DatasetRef | None):
     """(backend, adapter) acting as the agent of `checkpoint` (None: the base model).
 
-    A LoRA checkpoint is an adapter on the base model's backend; a fully finetuned one is a model
-    of its own (the frozen base model, critic and writer, then needs a second backend)."""
+    A LoRA checkpoint is an adapter on the base model's backend, or, where adapters are slow to serve, a
+    merged model of its own; a fully finetuned one is a model of its own. (The frozen base model, critic
+    and writer, then needs a second backend.)"""
     if checkpoint is None:
         with make_backend_for(exp, compute) as backend:
             yield backend, None
         return
     row = store.read("checkpoints", checkpoint.dataset, checkpoint.version).row(0, named=True)
+    if row["lora"] and _merges_adapters(exp):
+        from sand.models.registry import merged_model
+
+        with make_backend_for(exp, compute, str(merged_model(exp.base_model, row["path"]))) as backend:
+            yield backend, None
+        return
     with make_backend_for(exp, compute, None if row["lora"] else row["path"]) as backend:
         yield backend, (row["path"] if row["lora"] else None)
 

@@ -17,6 +17,7 @@ import torch
 
 from sand.errors import SandError
 from sand.models import SamplingParams, make_backend, tiny_model
+from sand.models.registry import merged_model
 
 torch.set_num_threads(1)
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
@@ -205,6 +206,24 @@ def test_transformers_evicts_least_recently_used_adapters(models):
         assert len(engine._peft.peft_config) == 1  # only the adapter in use keeps its weights
         assert results[0] == results[2] != results[1]
         assert results[3] == base
+
+
+def test_a_merged_adapter_generates_what_the_adapter_does(models, sand_home, tmp_path):
+    model, (first, _) = models
+    merged = merged_model(model, first)
+    assert merged_model(model, first) == merged  # built once
+    with make_backend("transformers", model_path=model, dtype="float32") as engine:
+        prompts = [engine.render(m) for m in MESSAGES]
+        with_adapter = greedy(engine, prompts, adapter=first)
+    assert with_adapter != greedy_on(model, prompts)  # the adapter matters
+    assert greedy_on(merged, prompts) == with_adapter
+    with pytest.raises(SandError, match="not a LoRA adapter"):
+        merged_model(model, tmp_path)
+
+
+def greedy_on(model, prompts):
+    with make_backend("transformers", model_path=model, dtype="float32") as engine:
+        return greedy(engine, prompts)
 
 
 def test_unknown_backend_and_bad_adapter_are_reported(tmp_path, models):

@@ -129,6 +129,29 @@ def _build_atomically(target: Path, build) -> Path:
     return target
 
 
+def merged_model(base: str | Path, adapter: str | Path) -> Path:
+    """`base` with the LoRA adapter folder `adapter` folded into its weights: a plain model folder, built once
+    (cached by the adapter's folder and weights' mtime, so a retrained adapter gets a new one).
+
+    For engines whose LoRA path is slow: vLLM's CPU build runs an adapter ~9x slower than the same weights
+    merged (SmolLM2-135M, 16 prompts x 3 samples: 135 s vs 16 s)."""
+    adapter = Path(adapter).resolve()
+    weights = adapter / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise SandError(f"{adapter}: not a LoRA adapter folder (no adapter_model.safetensors)")
+    key = hashlib.sha256(f"{adapter}@{weights.stat().st_mtime_ns}".encode()).hexdigest()[:16]
+
+    def merge(folder: Path) -> None:
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(resolve_model(base), dtype="auto")
+        PeftModel.from_pretrained(model, str(adapter)).merge_and_unload().save_pretrained(folder)
+        AutoTokenizer.from_pretrained(resolve_model(base)).save_pretrained(folder)
+
+    return _build_atomically(cache_dir("models", "merged") / key, merge)
+
+
 def _converted_default() -> Path:
     def convert(folder: Path) -> None:
         import torch

@@ -73,6 +73,8 @@ class SandConfig(_Strict):
     n_samples: int = 5
     temperature: float = 1.0
     rollout_max_steps: int | None = 15
+    critic_max_new_tokens: int = 128  # the base model's critique of one candidate
+    writer_max_new_tokens: int = 192  # the base model's deliberation thought of one step
     self_consistency: bool = True  # ablation: False = the base model invents the alternatives
     critique: bool = True  # ablation: False = no rollouts, no critiques
     expert_switch: bool = False

@@ -136,6 +136,7 @@ def _iteration(exp: Experiment, k: int, data_key: AssetKey, checkpoint_key: Asse
             work = work_dir(db, "critiques", candidates=candidates_ref.version, data=data.version, critic=critic,
                             agent=agent_identity(exp, db, checkpoint), backend=exp.backend.model_dump(),
                             temperature=s.temperature, rollout_max_steps=s.rollout_max_steps,
+                            critic_max_new_tokens=s.critic_max_new_tokens,
                             max_new_tokens=exp.evaluation.max_new_tokens, history=exp.train.history_steps,
                             envs={"sciworld": sciworld.model_dump(), "alfworld": alfworld.model_dump()})
             rollout_log, critique_log = WorkLog(work / "rollouts"), WorkLog(work / "critiques")
@@ -158,7 +159,8 @@ def _iteration(exp: Experiment, k: int, data_key: AssetKey, checkpoint_key: Asse
                                        exp.evaluation.pool_size, params, exp.train.history_steps) as engine:
                         new_r, new_c = critique_candidates(
                             engine, critic_backend, [t for t in trajectories if t.id in ids], mine, adapter,
-                            s.rollout_max_steps, critic, done=done, on_result=persist)
+                            s.rollout_max_steps, critic, max_new_tokens=s.critic_max_new_tokens, done=done,
+                            on_result=persist)
                     rollouts, critiques = rollouts + new_r, critiques + new_c
         inputs = [data, candidates_ref, checkpoint]
         rollout_written = db.write("rollouts", f"{exp.name}/iter_{k}", rollouts_frame(rollouts),
@@ -185,7 +187,8 @@ def _iteration(exp: Experiment, k: int, data_key: AssetKey, checkpoint_key: Asse
         critiques = critiques_from_frame(db.read("critiques", name)) if s.critique and s.self_consistency else None
         rollouts = rollouts_from_frame(db.read("rollouts", name)) if critiques is not None else None
         with make_backend_for(exp, compute) as writer:
-            result = synthesize(writer, trajectories, candidates, critiques, rollouts, s.expert_switch)
+            result = synthesize(writer, trajectories, candidates, critiques, rollouts, s.expert_switch,
+                                max_new_tokens=s.writer_max_new_tokens)
         inputs = [data, *refs.values()]
         deliberations = db.write("deliberations", name, deliberations_frame(result.deliberations),
                                  lineage_for(context, iteration=k, inputs=inputs))

@@ -163,7 +163,7 @@ def _rollout_of(result: EpisodeResult, key: CandidateKey, trajectory_id: str, st
 def critique_candidates(engine: RolloutEngine, critic: Backend, trajectories: list[Trajectory],
                         candidates: list[StepCandidates], adapter: str | None = None,
                         rollout_max_steps: int | None = None, critic_id: str = "base",
-                        critic_batch: int = 16, max_new_tokens: int = 128, history_steps: int = 5,
+                        critic_batch: int = 64, max_new_tokens: int = 128, history_steps: int = 5,
                         done: Mapping[CandidateKey, float] | None = None,
                         on_result: Callable[[list[Rollout], list[Critique]], None] | None = None,
                         ) -> tuple[list[Rollout], list[Critique]]:

@@ -199,7 +199,7 @@ def _write(writer: Backend, jobs: list[_Job], todo, mode: str, params: SamplingP
 
 def synthesize(writer: Backend, trajectories: list[Trajectory], candidates: list[StepCandidates] | None,
                critiques: list[Critique] | None = None, rollouts: list[Rollout] | None = None,
-               expert_switch: bool = False, batch_size: int = 16, max_new_tokens: int = 192,
+               expert_switch: bool = False, batch_size: int = 64, max_new_tokens: int = 192,
                history_steps: int = 5) -> Synthesis:
     """Deliberation thoughts for the uncertain steps and the dataset D_k.
 

@@ -105,10 +105,16 @@ def _iteration(exp: Experiment, k: int, data_key: AssetKey, checkpoint_key: Asse
                                    history=exp.train.history_steps))
             items = candidates_from_frame(log.frame()) if log.exists() else []
             done = {(c.trajectory_id, c.step) for c in items}
+            sampled, total = [len(done)], sum(len(t.steps) for t in trajectories)
+
+            def persist(batch) -> None:
+                log.append(candidates_frame(batch))
+                sampled[0] += len(batch)
+                context.log.info(f"{sampled[0]} of {total} steps sampled")
+
             with agent_backend(exp, compute, db, checkpoint) as (backend, adapter):
                 items += sample_candidates(backend, trajectories, s.n_samples, s.temperature, adapter,
-                                           exp.train.history_steps, done=done,
-                                           on_result=lambda batch: log.append(candidates_frame(batch)))
+                                           exp.train.history_steps, done=done, on_result=persist)
         df = candidates_frame(items)
         written = db.write("candidates", f"{exp.name}/iter_{k}", df,
                            lineage_for(context, iteration=k, inputs=[data, checkpoint]))
@@ -143,11 +149,14 @@ def _iteration(exp: Experiment, k: int, data_key: AssetKey, checkpoint_key: Asse
             rollouts = rollouts_from_frame(rollout_log.frame()) if rollout_log.exists() else []
             critiques = critiques_from_frame(critique_log.frame()) if critique_log.exists() else []
             critiqued = {candidate_key_of(c) for c in critiques}
+            progress = {"critiques": len(critiques), "total": sum(len(c.candidates) for c in candidates if c.uncertain)}
             done = {candidate_key_of(r): r.reward for r in rollouts if candidate_key_of(r) in critiqued}
 
             def persist(new_rollouts, new_critiques):
                 rollout_log.append(rollouts_frame(new_rollouts))
                 critique_log.append(critiques_frame(new_critiques))
+                progress["critiques"] += len(new_critiques)
+                context.log.info(f"{progress['critiques']} critiques written ({progress['total']} candidates)")
 
             params = SamplingParams(temperature=s.temperature, max_new_tokens=exp.evaluation.max_new_tokens, stop=STOP)
             with agent_backend(exp, compute, db, checkpoint) as (backend, adapter), \

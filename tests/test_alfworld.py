@@ -58,7 +58,8 @@ def test_every_generated_game_is_won_by_the_expert(home, games, expert):
     with AlfWorldEnv(train_games_dir=home / "train_games", expert=expert) as env:
         tasks = env.tasks("train")
         assert len(tasks) == 6
-        for task in tasks:
+        # The planner plans each game at reset (up to a minute here): two games exercise its path.
+        for task in tasks if expert == "observer" else tasks[:2]:
             trajectory = record_expert(env, task, expert)
             assert trajectory.reward == 1.0, (task.task_id, [s.action for s in trajectory.steps])
             assert len(trajectory.steps) <= 50

@@ -33,7 +33,7 @@ def run(experiment: str) -> None:
               f"(run {result.run_id}, load average {os.getloadavg()[0]:.1f})")
         for step in sorted(instance.get_run_step_stats(result.run_id), key=lambda s: s.start_time or 0):
             seconds = (step.end_time or time.time()) - (step.start_time or time.time())
-            print(f"  {step.step_key:<45}{step.status.value if step.status else '?':>10}{seconds / 60:>8.1f} min")
+            print(f"  {step.step_key:<50}{step.status.value if step.status else '?':>10}{seconds / 60:>8.1f} min")
 
 
 def main() -> None:

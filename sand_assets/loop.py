@@ -97,20 +97,21 @@ def _iteration(exp: Experiment, k: int, data_key: AssetKey, checkpoint_key: Asse
                           compute: ComputeResource) -> MaterializeResult:
         db = store.store()
         data, trajectories = _previous_data(db, exp, k, context)
-        checkpoint, _ = _checkpoint(db, exp, k - 1)
+        checkpoint, checkpoint_path = _checkpoint(db, exp, k - 1)
         items = []
         if s.self_consistency:
-            log = WorkLog(work_dir(db, "candidates", data=data.version, agent=agent_identity(exp, db, checkpoint),
+            log = WorkLog(work_dir(db, "candidates", data=data.version, agent=agent_identity(exp, checkpoint_path),
                                    backend=exp.backend.model_dump(), n=s.n_samples, temperature=s.temperature,
                                    history=exp.train.history_steps))
             items = candidates_from_frame(log.frame()) if log.exists() else []
             done = {(c.trajectory_id, c.step) for c in items}
-            sampled, total = [len(done)], sum(len(t.steps) for t in trajectories)
+            sampled, total = len(done), sum(len(t.steps) for t in trajectories)
 
             def persist(batch) -> None:
+                nonlocal sampled
                 log.append(candidates_frame(batch))
-                sampled[0] += len(batch)
-                context.log.info(f"{sampled[0]} of {total} steps sampled")
+                sampled += len(batch)
+                context.log.info(f"{sampled} of {total} steps sampled")
 
             with agent_backend(exp, compute, db, checkpoint) as (backend, adapter):
                 items += sample_candidates(backend, trajectories, s.n_samples, s.temperature, adapter,
@@ -133,14 +134,14 @@ def _iteration(exp: Experiment, k: int, data_key: AssetKey, checkpoint_key: Asse
         data, trajectories = _previous_data(db, exp, k, context)
         candidates_ref = db.head("candidates", f"{exp.name}/iter_{k}")
         candidates = candidates_from_frame(db.read("candidates", candidates_ref.dataset, candidates_ref.version))
-        checkpoint, _ = _checkpoint(db, exp, k - 1)
+        checkpoint, checkpoint_path = _checkpoint(db, exp, k - 1)
         rollouts, critiques = [], []
         if s.critique and s.self_consistency:
             from sand.models.registry import model_hash, resolve_model
 
             critic = f"{exp.base_model}@{model_hash(resolve_model(exp.base_model))}"
             work = work_dir(db, "critiques", candidates=candidates_ref.version, data=data.version, critic=critic,
-                            agent=agent_identity(exp, db, checkpoint), backend=exp.backend.model_dump(),
+                            agent=agent_identity(exp, checkpoint_path), backend=exp.backend.model_dump(),
                             temperature=s.temperature, rollout_max_steps=s.rollout_max_steps,
                             critic_max_new_tokens=s.critic_max_new_tokens,
                             max_new_tokens=exp.evaluation.max_new_tokens, history=exp.train.history_steps,
@@ -149,14 +150,15 @@ def _iteration(exp: Experiment, k: int, data_key: AssetKey, checkpoint_key: Asse
             rollouts = rollouts_from_frame(rollout_log.frame()) if rollout_log.exists() else []
             critiques = critiques_from_frame(critique_log.frame()) if critique_log.exists() else []
             critiqued = {candidate_key_of(c) for c in critiques}
-            progress = {"critiques": len(critiques), "total": sum(len(c.candidates) for c in candidates if c.uncertain)}
+            reported, total = len(critiques), sum(len(c.candidates) for c in candidates if c.uncertain)
             done = {candidate_key_of(r): r.reward for r in rollouts if candidate_key_of(r) in critiqued}
 
             def persist(new_rollouts, new_critiques):
+                nonlocal reported
                 rollout_log.append(rollouts_frame(new_rollouts))
                 critique_log.append(critiques_frame(new_critiques))
-                progress["critiques"] += len(new_critiques)
-                context.log.info(f"{progress['critiques']} critiques written ({progress['total']} candidates)")
+                reported += len(new_critiques)
+                context.log.info(f"{reported} of {total} critiques written")
 
             params = SamplingParams(temperature=s.temperature, max_new_tokens=exp.evaluation.max_new_tokens, stop=STOP)
             with agent_backend(exp, compute, db, checkpoint) as (backend, adapter), \

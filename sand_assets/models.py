@@ -29,6 +29,7 @@ from dagster import (
 from resources import AlfWorldResource, ComputeResource, SciWorldResource, StoreResource
 from sand.datasets import EXPERT
 from sand.experiment import Experiment
+from sand.models.backends import serves_adapters_merged
 from sand.selection import spread_tasks, training_subset
 from sand.store import DatasetRef, Store
 from sand.training.sft import TrainSpec
@@ -67,20 +68,13 @@ def make_backend_for(exp: Experiment, compute: ComputeResource, model: str | Non
     return make_backend(exp.backend.kind, model_path=resolve_model(model or exp.base_model), **options)
 
 
-def agent_identity(exp: Experiment, store: Store, checkpoint: DatasetRef | None) -> str:
+def agent_identity(exp: Experiment, checkpoint_path: str | None) -> str:
     """What the agent's weights are: the base model's hash, or the checkpoint folder (named by its training)."""
     from sand.models.registry import model_hash, resolve_model
 
-    if checkpoint is None:
+    if checkpoint_path is None:
         return f"base@{model_hash(resolve_model(exp.base_model))}"
-    return Path(store.read("checkpoints", checkpoint.dataset, checkpoint.version)["path"][0]).name
-
-
-def _merges_adapters(exp: Experiment) -> bool:
-    """vLLM's CPU build serves LoRA adapters ~9x slower than merged weights (sand.models.registry.merged_model)."""
-    import torch
-
-    return exp.backend.kind == "vllm" and not torch.cuda.is_available()
+    return Path(checkpoint_path).name
 
 
 @contextmanager
@@ -95,7 +89,7 @@ def agent_backend(exp: Experiment, compute: ComputeResource, store: Store, check
             yield backend, None
         return
     row = store.read("checkpoints", checkpoint.dataset, checkpoint.version).row(0, named=True)
-    if row["lora"] and _merges_adapters(exp):
+    if row["lora"] and serves_adapters_merged(exp.backend.kind):
         from sand.models.registry import merged_model
 
         with make_backend_for(exp, compute, str(merged_model(exp.base_model, row["path"]))) as backend:
@@ -153,7 +147,8 @@ def run_evaluation(context: AssetExecutionContext, exp: Experiment, store: Store
 
     rows = []
     # Finished episodes are reused for the same agent weights, backend and evaluation settings.
-    work = work_dir(store, "evaluation", agent=agent_identity(exp, store, checkpoint),
+    path = store.read("checkpoints", checkpoint.dataset, checkpoint.version)["path"][0] if checkpoint else None
+    work = work_dir(store, "evaluation", agent=agent_identity(exp, path),
                     backend=exp.backend.model_dump(), settings=exp.evaluation.model_dump())
     with agent_backend(exp, compute, store, checkpoint) as (backend, adapter):
         for env_name, cfg in exp.evaluation.envs.items():

@@ -133,8 +133,7 @@ def merged_model(base: str | Path, adapter: str | Path) -> Path:
     """`base` with the LoRA adapter folder `adapter` folded into its weights: a plain model folder, built once
     (cached by the adapter's folder and weights' mtime, so a retrained adapter gets a new one).
 
-    For engines whose LoRA path is slow: vLLM's CPU build runs an adapter ~9x slower than the same weights
-    merged (SmolLM2-135M, 16 prompts x 3 samples: 135 s vs 16 s)."""
+    For engines whose LoRA path is slow (sand.models.backends.serves_adapters_merged)."""
     adapter = Path(adapter).resolve()
     weights = adapter / "adapter_model.safetensors"
     if not weights.is_file():

@@ -4,8 +4,8 @@ Splits: `valid_seen` / `valid_unseen` are the evaluation games under `$ALFWORLD_
 filtered as alfworld's `AlfredTWEnv` filters them; `train` and `heldout` are folders of games made by
 `sand.envs.alfworld_gen` with different seeds (`heldout`: generated games never trained on, the
 in-distribution test where a small model's success on real rooms is too rare to measure). A game is a
-folder holding `game.tw-pddl` and `traj_data.json`; a task's
-`task_id` is that folder's path relative to its split's root.
+folder holding `game.tw-pddl` and `traj_data.json`; a task's `task_id` is that folder's path relative to
+its split's root.
 """
 from __future__ import annotations
 
@@ -198,6 +198,7 @@ class AlfWorldEnv(Environment):
         self.games_per_split = games_per_split
         self.train_games_dir = Path(train_games_dir or config.cache_dir("alfworld", "train_games")).resolve()
         self.heldout_games_dir = Path(heldout_games_dir or config.cache_dir("alfworld", "heldout_games")).resolve()
+        self._generated = {"train": self.train_games_dir, "heldout": self.heldout_games_dir}
         self._engine = Engine()
         self._expert_engines: dict[str, Engine] = {}  # separate engines keep the live episode intact
         self._state: textworld.GameState | None = None
@@ -207,13 +208,11 @@ class AlfWorldEnv(Environment):
     def split_root(self, split: str) -> Path:
         if split not in self.SPLITS:
             raise SandError(f"ALFWorld has no split '{split}': use one of {', '.join(self.SPLITS)}")
-        if split in ("train", "heldout"):
-            return self.train_games_dir if split == "train" else self.heldout_games_dir
-        return config.alfworld_data() / "json_2.1.1" / split
+        return self._generated.get(split) or config.alfworld_data() / "json_2.1.1" / split
 
     def tasks(self, split: str) -> list[TaskSpec]:
         root = self.split_root(split)
-        if split.startswith("valid") and not root.is_dir():
+        if split not in self._generated and not root.is_dir():
             raise SandError(f"ALFWorld games for '{split}' are missing: {root} does not exist "
                             "(point ALFWORLD_DATA at the folder holding json_2.1.1/)")
         games = find_games(root) if root.is_dir() else []

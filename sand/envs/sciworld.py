@@ -73,6 +73,10 @@ class ScienceWorldEnv(Environment):
         # that iteration follow insertion order, so replays and gold paths are reproducible (same
         # observations for 269 gold episodes in two JVMs), with no measurable slowdown.
         javaopts = ["-XX:+UnlockExperimentalVMOptions", "-XX:hashCode=2"]
+        # py4j reads the JVM's port from its first stdout line, so nothing else may print there: JVM
+        # warnings go to stderr, and no /tmp/hsperfdata file is kept (a stale one locked under a reused pid
+        # printed "Cannot use file /tmp/hsperfdata_root/<pid>" where the port was expected).
+        javaopts += ["-XX:-UsePerfData", "-Xlog:all=warning:stderr"]
         # -Xmx on the child's command line caps only this JVM (unbounded it grows to 0.5-0.7 GB),
         # without touching this process's environment. die_on_exit: the JVM dies with us.
         javaopts += [f"-Xmx{jvm_heap_mb}m"] if jvm_heap_mb else []
@@ -80,7 +84,7 @@ class ScienceWorldEnv(Environment):
             port, proc = launch_gateway(classpath=JAR_PATH, javaopts=javaopts, die_on_exit=True, cwd=BASEPATH,
                                         return_proc=True)
         except FileNotFoundError as e:
-            raise SandError("ScienceWorld needs Java 8+: no `java` on PATH") from e
+            raise SandError("ScienceWorld needs Java 11+: no `java` on PATH") from e
         gateway = JavaGateway(gateway_parameters=GatewayParameters(port=port, auto_field=True), java_process=proc)
         self._close_jvm = weakref.finalize(self, _shutdown_jvm, gateway, proc)
         self._server = gateway.jvm.scienceworld.runtime.pythonapi.PythonInterface()

@@ -1,14 +1,42 @@
 """One job per experiment: its assets and the expert data they stand on."""
 from dagster import AssetSelection, define_asset_job
+from pydantic import ValidationError
 
+from resources import AlfWorldResource, ComputeResource, SciWorldResource, StoreResource
+from sand.errors import SandError
 from sand.experiment import Experiment
 from sand_assets.expert_data import alfworld_heldout_games, imported_trajectories
 from sand_assets.models import evaluation_data
 
+RESOURCES = {"alfworld": AlfWorldResource, "sciworld": SciWorldResource, "compute": ComputeResource,
+             "store": StoreResource}
+
 
 def experiment_job(exp: Experiment):
     """`sand run <name>`: expert data (inbox imports excepted: they run per file; held-out games only when
-    the experiment evaluates on them) then the experiment."""
+    the experiment evaluates on them) then the experiment, with the experiment's resource settings."""
     unused = {alfworld_heldout_games} - set(evaluation_data(exp))
     selection = AssetSelection.groups("expert_data", exp.name) - AssetSelection.assets(imported_trajectories, *unused)
-    return define_asset_job(exp.name, selection=selection, description=exp.description or None)
+    return define_asset_job(exp.name, selection=selection, description=exp.description or None,
+                            config=resource_config(exp) or None)
+
+
+def resource_config(exp: Experiment) -> dict:
+    """The run config of `exp.resources`, checked field by field (a typo must not fall back to a default)."""
+    where = f"experiment {exp.name}"
+    for name, settings in exp.resources.items():
+        kind = RESOURCES.get(name)
+        if kind is None:
+            raise SandError(f"{where}: resources.{name}: no such resource (one of {', '.join(RESOURCES)})")
+        unknown = sorted(set(settings) - set(kind.model_fields))
+        if unknown:
+            raise SandError(f"{where}: resources.{name}: unknown settings {unknown} "
+                            f"(known: {', '.join(kind.model_fields)})")
+        try:
+            kind(**settings)
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            raise SandError(f"{where}: resources.{name}: {problems}") from None
+    if not exp.resources:
+        return {}
+    return {"resources": {name: {"config": settings} for name, settings in exp.resources.items()}}

@@ -78,6 +78,9 @@ class SandConfig(_Strict):
     self_consistency: bool = True  # ablation: False = the base model invents the alternatives
     critique: bool = True  # ablation: False = no rollouts, no critiques
     expert_switch: bool = False
+    # env -> how many of D_0's trajectories the iterations deliberate over (the first N in D_0's order);
+    # None: all of D_0, as the paper. CPU budgets: the critique stage grows with this, SFT does not.
+    trajectories: dict[str, int | None] | None = None
 
 
 class Experiment(_Strict):
@@ -90,6 +93,9 @@ class Experiment(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluation: EvalConfig = Field(default_factory=EvalConfig)
     sand: SandConfig = Field(default_factory=SandConfig)
+    resources: dict[str, dict] = Field(default_factory=dict,
+                                       description="settings of the shared resources in this experiment's job, "
+                                                   "e.g. {alfworld: {train_games: 240}}")
 
     def config_hash(self) -> str:
         return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()[:12]

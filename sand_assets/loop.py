@@ -19,6 +19,7 @@ from sand.rollout import RolloutEngine
 from sand.sand_loop import critique_candidates, sample_candidates, synthesize
 from sand.sand_loop.critique import CandidateKey
 from sand.sand_loop.sampling import STOP
+from sand.selection import training_subset
 from sand.sand_loop.tables import (
     candidates_frame,
     candidates_from_frame,
@@ -63,8 +64,12 @@ def _checkpoint(store: Store, exp: Experiment, k: int) -> tuple[DatasetRef, str]
 
 
 def _previous_data(store: Store, exp: Experiment, k: int, context: AssetExecutionContext):
+    """D_{k-1}, replayable trajectories only; iteration 1 takes the share of D_0 `sand.trajectories` names."""
     ref = store.head("trajectories", iteration_dataset(exp, k - 1))
-    trajectories = from_frame(store.read("trajectories", ref.dataset, ref.version))
+    frame = store.read("trajectories", ref.dataset, ref.version)
+    if k == 1 and exp.sand.trajectories is not None:
+        frame = training_subset(frame, exp.sand.trajectories)
+    trajectories = from_frame(frame)
     kept = [t for t in trajectories if t.source in REPLAYABLE_SOURCES]
     if len(kept) < len(trajectories):
         context.log.warning(f"{len(trajectories) - len(kept)} trajectories of {ref.dataset} cannot be replayed "
@@ -100,7 +105,8 @@ def _iteration(exp: Experiment, k: int, data_key: AssetKey, checkpoint_key: Asse
         checkpoint, checkpoint_path = _checkpoint(db, exp, k - 1)
         items = []
         if s.self_consistency:
-            log = WorkLog(work_dir(db, "candidates", data=data.version, agent=agent_identity(exp, checkpoint_path),
+            log = WorkLog(work_dir(db, "candidates", data=data.version, share=s.trajectories if k == 1 else None,
+                                   agent=agent_identity(exp, checkpoint_path),
                                    backend=exp.backend.model_dump(), n=s.n_samples, temperature=s.temperature,
                                    history=exp.train.history_steps))
             items = candidates_from_frame(log.frame()) if log.exists() else []

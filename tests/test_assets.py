@@ -150,3 +150,17 @@ def test_heldout_games_are_their_own_split_and_never_the_training_games(sand_hom
         assert not same_seed.success
         failure = same_seed.get_step_failure_events()[0].step_failure_data.user_failure_data
         assert "would be the training games" in failure.description
+
+
+def test_alfworld_source_records_the_configured_share_of_a_larger_game_pool(sand_home):
+    with instance_for_test() as instance:
+        assert materialize([alfworld_training_games], instance=instance,
+                           resources={"alfworld": AlfWorldResource(train_games=3)}).success
+        fewer = {"alfworld": AlfWorldResource(train_games=2), "store": StoreResource(home=str(sand_home))}
+        assert materialize([alfworld_source_trajectories], instance=instance, resources=fewer).success
+        recorded = Store(sand_home).sql("select task_id from source_trajectories_current")["task_id"].to_list()
+        assert sorted(t.rsplit("_", 1)[1] for t in recorded) == ["00000", "00001"]
+        more = materialize([alfworld_source_trajectories], instance=instance, raise_on_error=False,
+                           resources={**fewer, "alfworld": AlfWorldResource(train_games=4)})
+        failure = more.get_step_failure_events()[0].step_failure_data.user_failure_data
+        assert "trial_sand_s0_00003" in failure.description and "is missing" in failure.description

@@ -5,6 +5,7 @@ from dagster import PipesSubprocessClient, instance_for_test, materialize
 from resources import AlfWorldResource, ComputeResource, SciWorldResource, StoreResource
 from sand.experiment import EnvEval, EvalConfig, Experiment, SandConfig, TrainConfig
 from sand.models.registry import tiny_model
+from sand.selection import training_subset
 from sand.store import Store
 from sand_assets.expert_data import (
     alfworld_source_trajectories,
@@ -95,3 +96,14 @@ def test_one_sand_iteration_end_to_end(sand_home):
         assert versions.height == 1
         paths = store.sql("select distinct path from checkpoints where iteration = 0")
         assert paths.height == 1
+
+        # A share of D_0 (`sand.trajectories`): the iteration samples the steps of that share only.
+        share = exp.model_copy(update={"name": "tiny_share",
+                                       "sand": exp.sand.model_copy(update={"trajectories": {"alfworld": 1}})})
+        model_s, loop_s = build_model_assets(share), build_loop_assets(share)
+        assert materialize([*expert, *model_s, *loop_s], selection=[*model_s[:2], loop_s[0]],
+                           resources=resources, instance=instance).success
+        sampled = store.sql("select list(distinct trajectory_id) as ids, count(*) as n from candidates "
+                            "where dataset = 'tiny_share/iter_1'").row(0, named=True)
+        [first] = training_subset(store.read("trajectories", "tiny_share/d0"), {"alfworld": 1}).iter_rows(named=True)
+        assert sampled == {"ids": [first["id"]], "n": first["n_steps"]}

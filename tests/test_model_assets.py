@@ -9,6 +9,7 @@ from dagster import PipesSubprocessClient, instance_for_test, materialize
 from resources import AlfWorldResource, ComputeResource, SciWorldResource, StoreResource
 from sand import datasets
 from sand.experiment import EnvEval, EvalConfig, Experiment, TrainConfig, load_experiment, load_experiments
+from jobs.experiments import experiment_job
 from sand.errors import SandError
 from sand.models.registry import tiny_model
 from sand.store import Lineage, Store
@@ -73,3 +74,13 @@ def test_bad_experiment_names_the_field(tmp_path):
     path.write_text(json.dumps({"train": {"learnin_rate": 1}}))
     with pytest.raises(SandError, match=r"x.yaml: invalid experiment: train.learnin_rate"):
         load_experiment(path)
+
+
+def test_experiment_resource_settings_become_its_job_config():
+    exp = Experiment(name="more_games", resources={"alfworld": {"train_games": 160}})
+    assert experiment_job(exp).config == {"resources": {"alfworld": {"config": {"train_games": 160}}}}
+    for resources, problem in [({"alfworld": {"train_gamez": 1}}, r"resources.alfworld: unknown settings \['train_gamez'\]"),
+                               ({"alfworld": {"train_games": "many"}}, "resources.alfworld: train_games: Input should be"),
+                               ({"gpu": {}}, "resources.gpu: no such resource")]:
+        with pytest.raises(SandError, match=f"experiment more_games: {problem}"):
+            experiment_job(Experiment(name="more_games", resources=resources))

@@ -308,19 +308,38 @@ def generate_games(out_dir: str | Path, n: int, seed: int, task_types: Iterable[
     engine: Engine | None = None
     folders = []
     try:
-        for i in range(n):
-            task_type = task_types[i % len(task_types)]
-            trial = f"trial_sand_s{seed}_{i:05d}"
-            existing = sorted(out_dir.glob(f"{task_type}-*/{trial}/traj_data.json"))
-            if existing:
-                folders.append(existing[0].parent)
-                continue
-            engine = engine or Engine()
-            folders.append(_generate_one(out_dir, task_type, trial, random.Random(f"{seed}:{i}:{task_type}"), engine))
+        for i, (task_type, trial) in enumerate(_trials(n, seed, task_types)):
+            existing = _existing_game(out_dir, task_type, trial)
+            if existing is None:
+                engine = engine or Engine()
+                existing = _generate_one(out_dir, task_type, trial, random.Random(f"{seed}:{i}:{task_type}"), engine)
+            folders.append(existing)
     finally:
         if engine is not None:
             engine.close()
     return folders
+
+
+def generated_games(out_dir: str | Path, n: int, seed: int, task_types: Iterable[str] | None = None) -> list[Path]:
+    """The folders of the first `n` games `generate_games` made for this seed (a folder may hold more,
+    made for a larger `n`); raises if one is missing."""
+    out_dir = Path(out_dir)
+    folders = []
+    for task_type, trial in _trials(n, seed, tuple(task_types or TASK_TYPES)):
+        folder = _existing_game(out_dir, task_type, trial)
+        if folder is None:
+            raise SandError(f"{out_dir}: generated game {trial} ({task_type}) is missing: generate the games first")
+        folders.append(folder)
+    return folders
+
+
+def _trials(n: int, seed: int, task_types: tuple[str, ...]) -> list[tuple[str, str]]:
+    return [(task_types[i % len(task_types)], f"trial_sand_s{seed}_{i:05d}") for i in range(n)]
+
+
+def _existing_game(out_dir: Path, task_type: str, trial: str) -> Path | None:
+    existing = sorted(out_dir.glob(f"{task_type}-*/{trial}/traj_data.json"))
+    return existing[0].parent if existing else None
 
 
 def _generate_one(out_dir: Path, task_type: str, trial: str, rng: random.Random, engine: Engine) -> Path:

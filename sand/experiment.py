@@ -72,6 +72,7 @@ class SandConfig(_Strict):
     iterations: int = 1
     n_samples: int = 5
     temperature: float = 1.0
+    seed: int | None = 0  # of candidate sampling and rollouts (same inputs, same samples); None: unseeded
     rollout_max_steps: int | None = 15
     critic_max_new_tokens: int = 128  # the base model's critique of one candidate
     writer_max_new_tokens: int = 192  # the base model's deliberation thought of one step

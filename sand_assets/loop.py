@@ -108,7 +108,7 @@ def _iteration(exp: Experiment, k: int, data_key: AssetKey, checkpoint_key: Asse
             log = WorkLog(work_dir(db, "candidates", data=data.version, share=s.trajectories if k == 1 else None,
                                    agent=agent_identity(exp, checkpoint_path),
                                    backend=exp.backend.model_dump(), n=s.n_samples, temperature=s.temperature,
-                                   history=exp.train.history_steps))
+                                   seed=s.seed, history=exp.train.history_steps))
             items = candidates_from_frame(log.frame()) if log.exists() else []
             done = {(c.trajectory_id, c.step) for c in items}
             sampled, total = len(done), sum(len(t.steps) for t in trajectories)
@@ -121,7 +121,7 @@ def _iteration(exp: Experiment, k: int, data_key: AssetKey, checkpoint_key: Asse
 
             with agent_backend(exp, compute, db, checkpoint) as (backend, adapter):
                 items += sample_candidates(backend, trajectories, s.n_samples, s.temperature, adapter,
-                                           exp.train.history_steps, done=done, on_result=persist)
+                                           exp.train.history_steps, seed=s.seed, done=done, on_result=persist)
         df = candidates_frame(items)
         written = db.write("candidates", f"{exp.name}/iter_{k}", df,
                            lineage_for(context, iteration=k, inputs=[data, checkpoint]))
@@ -148,7 +148,7 @@ def _iteration(exp: Experiment, k: int, data_key: AssetKey, checkpoint_key: Asse
             critic = f"{exp.base_model}@{model_hash(resolve_model(exp.base_model))}"
             work = work_dir(db, "critiques", candidates=candidates_ref.version, data=data.version, critic=critic,
                             agent=agent_identity(exp, checkpoint_path), backend=exp.backend.model_dump(),
-                            temperature=s.temperature, rollout_max_steps=s.rollout_max_steps,
+                            temperature=s.temperature, seed=s.seed, rollout_max_steps=s.rollout_max_steps,
                             critic_max_new_tokens=s.critic_max_new_tokens,
                             max_new_tokens=exp.evaluation.max_new_tokens, history=exp.train.history_steps,
                             envs={"sciworld": sciworld.model_dump(), "alfworld": alfworld.model_dump()})
@@ -166,7 +166,8 @@ def _iteration(exp: Experiment, k: int, data_key: AssetKey, checkpoint_key: Asse
                 reported += len(new_critiques)
                 context.log.info(f"{reported} of {total} critiques written")
 
-            params = SamplingParams(temperature=s.temperature, max_new_tokens=exp.evaluation.max_new_tokens, stop=STOP)
+            params = SamplingParams(temperature=s.temperature, max_new_tokens=exp.evaluation.max_new_tokens, stop=STOP,
+                                    seed=s.seed)
             with agent_backend(exp, compute, db, checkpoint) as (backend, adapter), \
                     (nullcontext(backend) if adapter else make_backend_for(exp, compute)) as critic_backend:
                 for env_name in sorted({t.env for t in trajectories}):

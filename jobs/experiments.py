@@ -18,10 +18,10 @@ def experiment_job(exp: Experiment):
     unused = {alfworld_heldout_games} - set(evaluation_data(exp))
     selection = AssetSelection.groups("expert_data", exp.name) - AssetSelection.assets(imported_trajectories, *unused)
     return define_asset_job(exp.name, selection=selection, description=exp.description or None,
-                            config=resource_config(exp) or None)
+                            config=resource_config(exp))
 
 
-def resource_config(exp: Experiment) -> dict:
+def resource_config(exp: Experiment) -> dict | None:
     """The run config of `exp.resources`, checked field by field (a typo must not fall back to a default)."""
     where = f"experiment {exp.name}"
     for name, settings in exp.resources.items():
@@ -38,5 +38,5 @@ def resource_config(exp: Experiment) -> dict:
             problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
             raise SandError(f"{where}: resources.{name}: {problems}") from None
     if not exp.resources:
-        return {}
+        return None
     return {"resources": {name: {"config": settings} for name, settings in exp.resources.items()}}

@@ -19,7 +19,6 @@ from sand.rollout import RolloutEngine
 from sand.sand_loop import critique_candidates, sample_candidates, synthesize
 from sand.sand_loop.critique import CandidateKey
 from sand.sand_loop.sampling import STOP
-from sand.selection import training_subset
 from sand.sand_loop.tables import (
     candidates_frame,
     candidates_from_frame,
@@ -29,6 +28,7 @@ from sand.sand_loop.tables import (
     rollouts_frame,
     rollouts_from_frame,
 )
+from sand.selection import training_subset
 from sand.store import DatasetRef, Store
 from sand.trajectory import from_frame, to_frame
 from sand.versioning import code_version

@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 from dagster import PipesSubprocessClient, instance_for_test, materialize
 
+from jobs.experiments import experiment_job
 from resources import AlfWorldResource, ComputeResource, SciWorldResource, StoreResource
 from sand import datasets
 from sand.experiment import EnvEval, EvalConfig, Experiment, TrainConfig, load_experiment, load_experiments
-from jobs.experiments import experiment_job
 from sand.errors import SandError
 from sand.models.registry import tiny_model
 from sand.store import Lineage, Store

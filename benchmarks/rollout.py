@@ -28,7 +28,7 @@ import torch
 
 from sand.envs.sciworld import ScienceWorldEnv
 from sand.models import SamplingParams, make_backend, resolve_model
-from sand.react import conversation, parse_reply
+from sand.react import conversation, history_window, parse_reply
 from sand.rollout import FORMAT_ERROR, EpisodeRequest, RolloutEngine, Tick
 from sand.selection import spread_tasks
 from sand.trajectory import Step
@@ -75,8 +75,7 @@ def sequential(backend, env, tasks, params: SamplingParams, max_steps: int, hist
         instruction, steps, texts = env.reset(task), [], []
         limit = min(max_steps, env.max_steps)
         while len(steps) < limit:
-            window = steps[-history:] if history else steps
-            prompt = backend.render(conversation(task.env, instruction, window))
+            prompt = backend.render(conversation(task.env, instruction, history_window(steps, history)))
             called = time.perf_counter()
             [[completion]] = backend.generate([prompt], params)
             generating += time.perf_counter() - called

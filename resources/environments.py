@@ -42,4 +42,6 @@ class AlfWorldResource(ConfigurableResource):
         from sand.envs.alfworld import AlfWorldEnv
 
         return AlfWorldEnv(max_steps=self.max_steps, expert=self.expert, games_per_split=games_per_split,
-                           train_games_dir=self.train_games_dir, heldout_games_dir=self.heldout_games_dir)
+                           train_games_dir=self.train_games_dir, heldout_games_dir=self.heldout_games_dir,
+                           pools={"train": (self.train_games, self.train_seed),
+                                  "heldout": (self.heldout_games, self.heldout_seed)})

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from sand.envs.base import Environment, TaskSpec
 from sand.errors import SandError
 from sand.models.backends import Backend, Completion, SamplingParams
-from sand.react import conversation, parse_reply
+from sand.react import conversation, history_window, parse_reply
 from sand.trajectory import Step, Trajectory
 
 FORMAT_ERROR = "Invalid format: reply with 'Thought: ...' and then 'Action: <one action>'."
@@ -81,8 +81,8 @@ class _Live:
 class RolloutEngine:
     """Runs episodes with `backend` on a pool of at most `pool_size` environments made by `make_env`.
 
-    `params.n` is ignored (one reply per episode and tick). `history_steps` keeps only the last K
-    steps in prompts (None: all). One `run` at a time per engine.
+    `params.n` is ignored (one reply per episode and tick). `history_steps` bounds the steps a prompt
+    shows (`sand.react.history_window`; None: all). One `run` at a time per engine.
     """
 
     def __init__(self, backend: Backend, make_env: Callable[[], Environment], pool_size: int = 8,
@@ -156,8 +156,8 @@ class RolloutEngine:
         return _Live(result, env, limit)
 
     def _prompt(self, result: EpisodeResult) -> str:
-        steps = result.steps[-self.history_steps:] if self.history_steps else result.steps
-        return self.backend.render(conversation(result.request.task.env, result.instruction, steps))
+        return self.backend.render(conversation(result.request.task.env, result.instruction,
+                                                history_window(result.steps, self.history_steps)))
 
     def _tick(self, live: list[_Live], adapter: str | None) -> None:
         prompts = [self._prompt(e.result) for e in live]

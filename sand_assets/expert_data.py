@@ -104,16 +104,11 @@ def alfworld_heldout_games(context: AssetExecutionContext, alfworld: AlfWorldRes
 def alfworld_source_trajectories(context: AssetExecutionContext, alfworld: AlfWorldResource,
                                  store: StoreResource) -> MaterializeResult:
     """ALFWorld demonstrations on the generated training games, by the configured expert."""
-    from sand.envs.alfworld_gen import generated_games
-
-    root = alfworld.train_games_dir
-    try:  # the configured games only: the folder keeps games made for a larger `train_games`
-        games = {g.relative_to(root).as_posix() for g in generated_games(root, alfworld.train_games,
-                                                                           alfworld.train_seed)}
-    except SandError as exc:
-        raise Failure(description=str(exc)) from None
     with alfworld.open() as env:
-        tasks = [t for t in env.tasks("train") if t.task_id in games]
+        try:  # the configured games only: the folder keeps games made for a larger `train_games`
+            tasks = env.tasks("train")
+        except SandError as exc:
+            raise Failure(description=str(exc)) from None
         context.log.info(f"recording the {alfworld.expert} expert on {len(tasks)} ALFWorld training games")
         recorded = record_experts(env, tasks, alfworld.expert, _progress(context, len(tasks)))
     kept, dropped = _keep_successes(context, recorded)

@@ -145,6 +145,8 @@ def test_heldout_games_are_their_own_split_and_never_the_training_games(sand_hom
             games = {split: {(env.game_dir(t) / "game.tw-pddl").read_bytes() for t in tasks}
                      for split, tasks in (("train", train), ("heldout", heldout))}
             assert not games["train"] & games["heldout"]
+        with AlfWorldResource(heldout_games=2).open() as fewer:  # the folder holds 3: evaluate only the 2 configured
+            assert fewer.tasks("heldout") == [t for t in heldout if t.task_id.endswith(("00000", "00001"))]
         same_seed = materialize([alfworld_heldout_games], instance=instance, raise_on_error=False,
                                 resources={"alfworld": AlfWorldResource(heldout_seed=0)})
         assert not same_seed.success

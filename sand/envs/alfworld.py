@@ -190,7 +190,11 @@ class AlfWorldEnv(Environment):
     SPLITS = ("train", "heldout", "valid_seen", "valid_unseen")
 
     def __init__(self, max_steps: int = 50, expert: str = "observer", games_per_split: int | None = None,
-                 train_games_dir: str | Path | None = None, heldout_games_dir: str | Path | None = None):
+                 train_games_dir: str | Path | None = None, heldout_games_dir: str | Path | None = None,
+                 pools: dict[str, tuple[int, int]] | None = None):
+        """`pools` maps a generated split to the (games, seed) it was generated with: its tasks are exactly
+        those games (the folder may hold more, made for a larger count). A generated split without a pool
+        lists every game in its folder."""
         if expert not in EXPERTS:
             raise SandError(f"ALFWorld expert '{expert}' is unknown: use one of {', '.join(EXPERTS)}")
         self._max_steps = max_steps
@@ -199,6 +203,7 @@ class AlfWorldEnv(Environment):
         self.train_games_dir = Path(train_games_dir or config.cache_dir("alfworld", "train_games")).resolve()
         self.heldout_games_dir = Path(heldout_games_dir or config.cache_dir("alfworld", "heldout_games")).resolve()
         self._generated = {"train": self.train_games_dir, "heldout": self.heldout_games_dir}
+        self._pools = pools or {}
         self._engine = Engine()
         self._expert_engines: dict[str, Engine] = {}  # separate engines keep the live episode intact
         self._state: textworld.GameState | None = None
@@ -215,7 +220,12 @@ class AlfWorldEnv(Environment):
         if split not in self._generated and not root.is_dir():
             raise SandError(f"ALFWorld games for '{split}' are missing: {root} does not exist "
                             "(point ALFWORLD_DATA at the folder holding json_2.1.1/)")
-        games = find_games(root) if root.is_dir() else []
+        if split in self._pools:
+            from sand.envs.alfworld_gen import generated_games
+
+            games = sorted(generated_games(root, *self._pools[split]))  # find_games' order
+        else:
+            games = find_games(root) if root.is_dir() else []
         tasks = [TaskSpec(env=self.name, task=json.loads((g / "traj_data.json").read_text())["task_type"],
                           task_id=g.relative_to(root).as_posix(), split=split) for g in games]
         return tasks[: self.games_per_split]

@@ -12,7 +12,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from sand.models.backends import Backend, SamplingParams
-from sand.react import conversation, parse_reply
+from sand.react import conversation, history_window, parse_reply
 from sand.sand_loop.actions import normalize
 from sand.trajectory import Trajectory
 
@@ -53,8 +53,8 @@ def collect_candidates(trajectory_id: str, step: int, env: str, expert_action: s
 
 def step_prompt(backend: Backend, trajectory: Trajectory, step: int, history_steps: int | None = None) -> str:
     """The agent's prompt before `step`: the expert prefix, windowed like the rollout engine's prompts."""
-    start = max(0, step - history_steps) if history_steps else 0
-    return backend.render(conversation(trajectory.env, trajectory.instruction, trajectory.steps[start:step]))
+    return backend.render(conversation(trajectory.env, trajectory.instruction,
+                                       history_window(trajectory.steps[:step], history_steps)))
 
 
 def sample_candidates(backend: Backend, trajectories: list[Trajectory], n: int = 5, temperature: float = 1.0,

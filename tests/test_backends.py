@@ -244,3 +244,14 @@ def test_http_backend_retries_on_the_next_server_when_one_is_down(vllm_server, m
     with make_backend("openai", base_urls=[dead], model="tiny", max_retries=1) as engine:
         with pytest.raises(SandError, match="after 2 attempts"):
             engine.generate(["x"], SamplingParams(max_new_tokens=1))
+
+
+def test_seeded_sampling_of_more_prompt_tokens_than_one_engine_step_takes(backend, request):
+    if "openai" in request.node.callspec.id:
+        pytest.skip("a server's scheduling is its own (docs/scale-out.md: CPU servers and seeds)")
+    # 8 x ~750 tokens: more than vLLM's per-step token budget on CPU (4096), so prefill spans engine steps.
+    prompts = [backend.render([{"role": "user", "content": f"{i}: " + "word " * 740}]) for i in range(8)]
+    params = SamplingParams(n=2, temperature=1.0, max_new_tokens=4, seed=3)
+    results = backend.generate(prompts, params)
+    assert [len(r) for r in results] == [2] * 8 and all(c.prompt_tokens > 700 for r in results for c in r)
+    assert backend.generate(prompts, params) == results

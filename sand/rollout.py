@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from sand.envs.base import Environment, TaskSpec
 from sand.errors import SandError
 from sand.models.backends import Backend, Completion, SamplingParams
-from sand.react import conversation, history_window, parse_reply
+from sand.react import conversation, parse_reply
 from sand.trajectory import Step, Trajectory
 
 FORMAT_ERROR = "Invalid format: reply with 'Thought: ...' and then 'Action: <one action>'."
@@ -69,6 +69,20 @@ class Tick:
     completions: list[Completion]
     generate_seconds: float
     env_seconds: float
+
+
+def history_window(steps: list[Step], history_steps: int | None) -> list[Step]:
+    """The steps an agent prompt shows: all of them up to `history_steps`, then a window of at most
+    `history_steps` that moves in strides of half its length (never fewer than half plus one steps).
+
+    A window sliding one step a turn would change the prompt's prefix at every turn; moving it in strides
+    keeps consecutive prompts extensions of each other between moves, so a backend's prefix cache re-reads
+    only the newest turn instead of the whole history (prefill is what a CPU spends its time on).
+    """
+    if not history_steps or len(steps) <= history_steps:
+        return steps
+    stride = max(1, history_steps // 2)
+    return steps[((len(steps) - history_steps - 1) // stride + 1) * stride:]
 
 
 @dataclass

@@ -44,10 +44,12 @@ def dataset_result(written: WriteResult, **extra) -> MaterializeResult:
     )
 
 
-def work_dir(store: Store, stage: str, **key) -> Path:
+def work_dir(context: AssetExecutionContext, store: Store, stage: str, **key) -> Path:
     """The work-log folder of `stage` for the work `key` names: every input version and setting the work
-    depends on, never the experiment's name. Experiments that do the same work (an ablation branching
-    off the same SFT checkpoint, a rerun) therefore find it done and do not compute it again."""
+    depends on, and the asset's code version, never the experiment's name. Experiments that do the same work
+    (an ablation branching off the same SFT checkpoint, a rerun) therefore find it done and do not compute it
+    again; changed code computes afresh."""
+    key["code"] = context.assets_def.code_versions_by_key[context.asset_key]
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return store.home / "work" / stage / digest
 

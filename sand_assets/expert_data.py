@@ -21,11 +21,13 @@ from pydantic import Field
 from resources import AlfWorldResource, SciWorldResource, StoreResource
 from sand import datasets
 from sand.errors import SandError
+from sand.envs.base import Environment, TaskSpec
 from sand.experts import record_experts
-from sand.trajectory import Trajectory
+from sand.trajectory import Trajectory, from_frame, to_frame
 from sand.validation import trajectory_problems
 from sand.versioning import code_version
-from sand_assets.common import dataset_result, lineage_for
+from sand.worklog import WorkLog
+from sand_assets.common import dataset_result, lineage_for, work_dir
 
 GROUP = "expert_data"
 
@@ -38,6 +40,26 @@ def _progress(context: AssetExecutionContext, total: int, every: int = 10):
         if (i + 1) % every == 0 or i + 1 == total:
             context.log.info(f"{i + 1}/{total} expert trajectories recorded (last: {t.task_id}, reward {t.reward})")
     return log
+
+
+def _record(context: AssetExecutionContext, store: StoreResource, env: Environment, tasks: list[TaskSpec],
+            source: str, **key) -> list[Trajectory]:
+    """The expert's trajectories on `tasks`, each written to a work log as it is recorded: a rerun, or a run
+    resumed after an interruption, replays only the tasks not recorded yet (`key`: what shapes a recording)."""
+    log = WorkLog(work_dir(context, store.store(), "experts", env=env.name, source=source, **key))
+    done = {t.task_id: t for t in from_frame(log.frame())} if log.exists() else {}
+    todo = [t for t in tasks if t.task_id not in done]
+    if len(todo) < len(tasks):
+        context.log.info(f"{len(tasks) - len(todo)} of {len(tasks)} expert trajectories were recorded before")
+    report = _progress(context, len(todo))
+
+    def persist(i: int, trajectory: Trajectory) -> None:
+        log.append(to_frame([trajectory]))
+        done[trajectory.task_id] = trajectory
+        report(i, trajectory)
+
+    record_experts(env, todo, source, persist)
+    return [done[t.task_id] for t in tasks]
 
 
 def _keep_successes(context: AssetExecutionContext, trajectories: list[Trajectory]) -> tuple[list[Trajectory], int]:
@@ -65,7 +87,8 @@ def sciworld_source_trajectories(context: AssetExecutionContext, config: SciWorl
     with sciworld.open(config.tasks, config.variations_per_task) as env:
         tasks = env.tasks(config.split)
         context.log.info(f"recording gold paths for {len(tasks)} ScienceWorld variations ({config.split})")
-        recorded = record_experts(env, tasks, "gold", _progress(context, len(tasks)))
+        recorded = _record(context, store, env, tasks, "gold", split=config.split,
+                           simplifications=sciworld.simplifications)
     kept, dropped = _keep_successes(context, recorded)
     lineage = lineage_for(context, metadata=config.model_dump())
     written = datasets.write_source(store.store(), "sciworld", kept, lineage)
@@ -110,7 +133,8 @@ def alfworld_source_trajectories(context: AssetExecutionContext, alfworld: AlfWo
         except SandError as exc:
             raise Failure(description=str(exc)) from None
         context.log.info(f"recording the {alfworld.expert} expert on {len(tasks)} ALFWorld training games")
-        recorded = record_experts(env, tasks, alfworld.expert, _progress(context, len(tasks)))
+        recorded = _record(context, store, env, tasks, alfworld.expert, max_steps=alfworld.max_steps,
+                           seed=alfworld.train_seed, games_code=code_version("sand.envs.alfworld_gen"))
     kept, dropped = _keep_successes(context, recorded)
     lineage = lineage_for(context, metadata={"expert": alfworld.expert, "games": alfworld.train_games,
                                              "seed": alfworld.train_seed})

@@ -105,8 +105,8 @@ def _iteration(exp: Experiment, k: int, data_key: AssetKey, checkpoint_key: Asse
         checkpoint, checkpoint_path = _checkpoint(db, exp, k - 1)
         items = []
         if s.self_consistency:
-            log = WorkLog(work_dir(db, "candidates", data=data.version, share=s.trajectories if k == 1 else None,
-                                   agent=agent_identity(exp, checkpoint_path),
+            log = WorkLog(work_dir(context, db, "candidates", data=data.version,
+                                   share=s.trajectories if k == 1 else None, agent=agent_identity(exp, checkpoint_path),
                                    backend=exp.backend.model_dump(), n=s.n_samples, temperature=s.temperature,
                                    seed=s.seed, history=exp.train.history_steps))
             items = candidates_from_frame(log.frame()) if log.exists() else []
@@ -146,8 +146,8 @@ def _iteration(exp: Experiment, k: int, data_key: AssetKey, checkpoint_key: Asse
             from sand.models.registry import model_hash, resolve_model
 
             critic = f"{exp.base_model}@{model_hash(resolve_model(exp.base_model))}"
-            work = work_dir(db, "critiques", candidates=candidates_ref.version, data=data.version, critic=critic,
-                            agent=agent_identity(exp, checkpoint_path), backend=exp.backend.model_dump(),
+            work = work_dir(context, db, "critiques", candidates=candidates_ref.version, data=data.version,
+                            critic=critic, agent=agent_identity(exp, checkpoint_path), backend=exp.backend.model_dump(),
                             temperature=s.temperature, seed=s.seed, rollout_max_steps=s.rollout_max_steps,
                             critic_max_new_tokens=s.critic_max_new_tokens,
                             max_new_tokens=exp.evaluation.max_new_tokens, history=exp.train.history_steps,

@@ -148,7 +148,7 @@ def run_evaluation(context: AssetExecutionContext, exp: Experiment, store: Store
     rows = []
     # Finished episodes are reused for the same agent weights, backend and evaluation settings.
     path = store.read("checkpoints", checkpoint.dataset, checkpoint.version)["path"][0] if checkpoint else None
-    work = work_dir(store, "evaluation", agent=agent_identity(exp, path),
+    work = work_dir(context, store, "evaluation", agent=agent_identity(exp, path),
                     backend=exp.backend.model_dump(), settings=exp.evaluation.model_dump())
     with agent_backend(exp, compute, store, checkpoint) as (backend, adapter):
         for env_name, cfg in exp.evaluation.envs.items():

@@ -162,6 +162,10 @@ def test_alfworld_source_records_the_configured_share_of_a_larger_game_pool(sand
         assert materialize([alfworld_source_trajectories], instance=instance, resources=fewer).success
         recorded = Store(sand_home).sql("select task_id from source_trajectories_current")["task_id"].to_list()
         assert sorted(t.rsplit("_", 1)[1] for t in recorded) == ["00000", "00001"]
+        assert materialize([alfworld_source_trajectories], instance=instance,
+                           resources={**fewer, "alfworld": AlfWorldResource(train_games=3)}).success
+        [log] = (sand_home / "work" / "experts").iterdir()  # one recording per game: the first two were reused
+        assert len(list(log.glob("part-*.parquet"))) == 3
         more = materialize([alfworld_source_trajectories], instance=instance, raise_on_error=False,
                            resources={**fewer, "alfworld": AlfWorldResource(train_games=4)})
         failure = more.get_step_failure_events()[0].step_failure_data.user_failure_data

@@ -14,7 +14,7 @@ from sand.envs.alfworld_gen import generate_games
 from sand.envs.sciworld import ScienceWorldEnv
 from sand.models import SamplingParams, tiny_model
 from sand.models.backends import TransformersBackend
-from sand.rollout import FORMAT_ERROR, EpisodeRequest, RolloutEngine
+from sand.rollout import FORMAT_ERROR, EpisodeRequest, RolloutEngine, history_window
 from sand.trajectory import Step
 
 torch.set_num_threads(1)
@@ -194,3 +194,18 @@ def test_actions_are_executed_invalid_ones_counted_and_step_limits_honoured(home
         assert len(result.steps) == result.invalid_actions == 3 and result.format_errors == 0
         assert {s.observation for s in result.steps} == {"Nothing happens."}
         assert result.steps[0].thought == "\"open door\" or 'wait'."
+
+
+@pytest.mark.parametrize("history", [1, 2, 5, 6, 8])
+def test_history_window_is_bounded_and_prompts_extend_each_other_between_moves(history):
+    steps = [Step(f"t{i}", f"a{i}", f"o{i}") for i in range(40)]
+    windows = [history_window(steps[:n], history) for n in range(len(steps) + 1)]
+    assert windows[:history + 1] == [steps[:n] for n in range(history + 1)]  # everything while it fits
+    moves = 0
+    for n, (before, window) in enumerate(itertools.pairwise(windows), start=1):
+        assert window == steps[n - len(window):n]  # the newest steps, in order
+        assert history // 2 + 1 <= len(window) <= history or n <= history
+        if window[:len(before)] != before:  # the prompt's prefix changed: the window moved
+            moves += 1
+    assert moves == (len(steps) - history - 1) // max(1, history // 2) + 1  # once a stride, not once a turn
+    assert history_window(steps, None) == steps

@@ -12,7 +12,8 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from sand.models.backends import Backend, SamplingParams
-from sand.react import conversation, history_window, parse_reply
+from sand.react import conversation, parse_reply
+from sand.rollout import history_window
 from sand.sand_loop.actions import normalize
 from sand.trajectory import Trajectory
 

@@ -96,7 +96,7 @@ class RolloutEngine:
     """Runs episodes with `backend` on a pool of at most `pool_size` environments made by `make_env`.
 
     `params.n` is ignored (one reply per episode and tick). `history_steps` bounds the steps a prompt
-    shows (`sand.react.history_window`; None: all). One `run` at a time per engine.
+    shows (`history_window`; None: all). One `run` at a time per engine.
     """
 
     def __init__(self, backend: Backend, make_env: Callable[[], Environment], pool_size: int = 8,

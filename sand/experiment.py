@@ -79,8 +79,9 @@ class SandConfig(_Strict):
     self_consistency: bool = True  # ablation: False = the base model invents the alternatives
     critique: bool = True  # ablation: False = no rollouts, no critiques
     expert_switch: bool = False
-    # env -> how many of D_0's trajectories the iterations deliberate over (the first N in D_0's order);
-    # None: all of D_0, as the paper. CPU budgets: the critique stage grows with this, SFT does not.
+    # env -> how many of D_0's trajectories the iterations deliberate over (a stable pseudo-random N); None:
+    # all of D_0, as the paper. D_k carries the others unchanged, so every iteration trains on all the data.
+    # CPU budgets: the critique stage grows with this, training does not.
     trajectories: dict[str, int | None] | None = None
 
 

@@ -64,17 +64,26 @@ def _checkpoint(store: Store, exp: Experiment, k: int) -> tuple[DatasetRef, str]
 
 
 def _previous_data(store: Store, exp: Experiment, k: int, context: AssetExecutionContext):
-    """D_{k-1}, replayable trajectories only; iteration 1 takes the share of D_0 `sand.trajectories` names."""
+    """(ref of D_{k-1}, all its trajectories, those iteration k deliberates over).
+
+    Iteration 1 deliberates over the share of D_0 `sand.trajectories` names (all of it by default), later
+    iterations over what the previous one deliberated; trajectories the environments here cannot replay
+    (imported data) are never deliberated. D_k carries every other trajectory of D_{k-1} unchanged, so the
+    agent keeps training on all of its data."""
     ref = store.head("trajectories", iteration_dataset(exp, k - 1))
     frame = store.read("trajectories", ref.dataset, ref.version)
-    if k == 1 and exp.sand.trajectories is not None:
-        frame = training_subset(frame, exp.sand.trajectories)
     trajectories = from_frame(frame)
-    kept = [t for t in trajectories if t.source in REPLAYABLE_SOURCES]
-    if len(kept) < len(trajectories):
-        context.log.warning(f"{len(trajectories) - len(kept)} trajectories of {ref.dataset} cannot be replayed "
-                            "in the environments here (imported data) and are left out of this iteration")
-    return ref, kept
+    if k > 1:
+        chosen = [t for t in trajectories if t.source == "sand"]
+    else:
+        share = {r["id"] for r in training_subset(frame, exp.sand.trajectories).iter_rows(named=True)} \
+            if exp.sand.trajectories is not None else {t.id for t in trajectories}
+        chosen = [t for t in trajectories if t.id in share and t.source in REPLAYABLE_SOURCES]
+        unplayable = sum(t.id in share and t.source not in REPLAYABLE_SOURCES for t in trajectories)
+        if unplayable:
+            context.log.warning(f"{unplayable} trajectories of {ref.dataset} cannot be replayed in the environments "
+                                "here (imported data): D_1 carries them unchanged")
+    return ref, trajectories, chosen
 
 
 def build_loop_assets(exp: Experiment) -> list[AssetsDefinition]:
@@ -101,7 +110,7 @@ def _iteration(exp: Experiment, k: int, data_key: AssetKey, checkpoint_key: Asse
     def candidate_samples(context: AssetExecutionContext, store: StoreResource,
                           compute: ComputeResource) -> MaterializeResult:
         db = store.store()
-        data, trajectories = _previous_data(db, exp, k, context)
+        data, _, trajectories = _previous_data(db, exp, k, context)
         checkpoint, checkpoint_path = _checkpoint(db, exp, k - 1)
         items = []
         if s.self_consistency:
@@ -137,7 +146,7 @@ def _iteration(exp: Experiment, k: int, data_key: AssetKey, checkpoint_key: Asse
     def action_critiques(context: AssetExecutionContext, store: StoreResource, compute: ComputeResource,
                          sciworld: SciWorldResource, alfworld: AlfWorldResource) -> MaterializeResult:
         db = store.store()
-        data, trajectories = _previous_data(db, exp, k, context)
+        data, _, trajectories = _previous_data(db, exp, k, context)
         candidates_ref = db.head("candidates", f"{exp.name}/iter_{k}")
         candidates = candidates_from_frame(db.read("candidates", candidates_ref.dataset, candidates_ref.version))
         checkpoint, checkpoint_path = _checkpoint(db, exp, k - 1)
@@ -194,11 +203,12 @@ def _iteration(exp: Experiment, k: int, data_key: AssetKey, checkpoint_key: Asse
     @asset(key=_key(exp, k, "deliberation_dataset"), group_name=group, deps=[action_critiques], pool="gpu",
            kinds={"python", "parquet"}, code_version=loop_code,
            description=f"D_{k}: the base model's deliberation thought replaces the thought at uncertain steps, "
-                       "ending at the expert action; confident steps keep theirs.")
+                       "ending at the expert action; confident steps keep theirs, and trajectories outside the "
+                       "deliberated share are carried over unchanged.")
     def deliberation_dataset(context: AssetExecutionContext, store: StoreResource,
                              compute: ComputeResource) -> MaterializeResult:
         db = store.store()
-        data, trajectories = _previous_data(db, exp, k, context)
+        data, previous, trajectories = _previous_data(db, exp, k, context)
         name = f"{exp.name}/iter_{k}"
         refs = {t: db.head(t, name) for t in ("candidates", "rollouts", "critiques")}
         candidates = candidates_from_frame(db.read("candidates", name)) if s.self_consistency else None
@@ -210,7 +220,8 @@ def _iteration(exp: Experiment, k: int, data_key: AssetKey, checkpoint_key: Asse
         inputs = [data, *refs.values()]
         deliberations = db.write("deliberations", name, deliberations_frame(result.deliberations),
                                  lineage_for(context, iteration=k, inputs=inputs))
-        df = to_frame(result.dataset)
+        made = {t.id: d for t, d in zip(trajectories, result.dataset, strict=True)}
+        df = to_frame([made.get(t.id, t) for t in previous])  # D_{k-1}'s order; the rest carried unchanged
         written = db.write("trajectories", name, df, lineage_for(
             context, iteration=k, inputs=[*inputs, deliberations.ref], metadata={"writer": exp.base_model}))
         return dataset_result(written, deliberations=len(result.deliberations), fallbacks=result.fallbacks,

@@ -1,10 +1,12 @@
 """The whole SAND loop as Dagster assets: tiny model, real ALFWorld games, a real Dagster instance and
 DuckDB catalog. Checks each stage's table, the lineage question, and that a rerun is a no-op."""
+import polars as pl
 from dagster import PipesSubprocessClient, instance_for_test, materialize
 
 from resources import AlfWorldResource, ComputeResource, SciWorldResource, StoreResource
 from sand.experiment import EnvEval, EvalConfig, Experiment, SandConfig, TrainConfig
 from sand.models.registry import tiny_model
+from sand.sand_loop.synthesis import dataset_id
 from sand.selection import training_subset
 from sand.store import Store
 from sand_assets.expert_data import (
@@ -97,13 +99,19 @@ def test_one_sand_iteration_end_to_end(sand_home):
         paths = store.sql("select distinct path from checkpoints where iteration = 0")
         assert paths.height == 1
 
-        # A share of D_0 (`sand.trajectories`): the iteration samples the steps of that share only.
+        # A share of D_0 (`sand.trajectories`): the iteration samples the steps of that share only, and D_1
+        # carries the other trajectories unchanged.
         share = exp.model_copy(update={"name": "tiny_share",
                                        "sand": exp.sand.model_copy(update={"trajectories": {"alfworld": 1}})})
         model_s, loop_s = build_model_assets(share), build_loop_assets(share)
-        assert materialize([*expert, *model_s, *loop_s], selection=[*model_s[:2], loop_s[0]],
+        assert materialize([*expert, *model_s, *loop_s], selection=[*model_s[:2], *loop_s[:3]],
                            resources=resources, instance=instance).success
         sampled = store.sql("select list(distinct trajectory_id) as ids, count(*) as n from candidates "
                             "where dataset = 'tiny_share/iter_1'").row(0, named=True)
-        [first] = training_subset(store.read("trajectories", "tiny_share/d0"), {"alfworld": 1}).iter_rows(named=True)
+        d0 = store.read("trajectories", "tiny_share/d0")
+        [first] = training_subset(d0, {"alfworld": 1}).iter_rows(named=True)
         assert sampled == {"ids": [first["id"]], "n": first["n_steps"]}
+        d1 = store.read("trajectories", "tiny_share/iter_1")
+        assert d1["id"].to_list() == [dataset_id(i) if i == first["id"] else i for i in d0["id"].to_list()]
+        carried = d0.filter(pl.col("id") != first["id"])
+        assert carried.height > 0 and d1.filter(pl.col("id").is_in(carried["id"].to_list())).equals(carried)

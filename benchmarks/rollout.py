@@ -3,12 +3,13 @@
 Workload: greedy episodes of the default model (SmolLM2-135M-Instruct) on ScienceWorld dev variations (task types
 interleaved), capped at --steps agent steps, history window --history. For each backend:
   (a) sequential: one episode at a time, one model call per turn, one environment;
-  (b) the engine: one batched call per tick for all live episodes, environments stepped on threads, a pool of at
-      most --pool environments (JVMs), continuous admission.
+  (b) the engine: every live episode's prompt in one stream of requests (vLLM batches them continuously and
+      answers each as its sequence ends; other backends: one batched call a round), environments stepped on
+      threads, a pool of at most --pool environments (JVMs), continuous admission.
 (a) and (b) run the same first --sequential tasks; the speedup is their wall-time ratio and the greedy agreement
 compares their replies step by step. (b) runs 1, 8, 32, ... episodes (cost growth). Raw throughput of a run: the
-prompts of --replays of its ticks replayed, one generate call per tick (with vLLM these hit its prefix cache, as
-they did in the run); (a) is set against the raw throughput of (b) on the same tasks. The transformers backend
+run's prompts replayed, --replays batches of the pool size, one generate call each (with vLLM these hit its prefix
+cache, as they did in the run); (a) is set against the raw throughput of (b) on the same tasks. The transformers backend
 re-reads every prompt in full at every turn (no cache across calls), so it gets at most --transformers-cap episodes.
 vLLM's prefix cache is emptied before each timed run.
 
@@ -49,22 +50,24 @@ class Run:
     generate_seconds: float  # inside the backend's generate calls
     replies: dict[str, list[str]]  # task id -> the agent's replies
     ticks: list[Tick] = field(default_factory=list)
-    raw: float = float("nan")  # the backend's batched tokens/s on this run's prompts (replayed ticks)
+    raw: float = float("nan")  # the backend's batched tokens/s on this run's prompts (replayed)
 
     def row(self) -> str:
         tok_s = self.tokens / self.seconds
         return (f"{self.label:<16}{self.episodes:>5}{self.pool:>5}{self.seconds:>8.1f}{self.seconds / self.episodes:>7.2f}"
                 f"{self.episodes / self.seconds:>7.3f}{self.steps / self.seconds:>7.2f}{self.env_steps / self.seconds:>7.2f}"
                 f"{self.generate_seconds / self.seconds:>6.0%}{tok_s:>7.1f}{self.raw:>7.1f}{tok_s / self.raw:>6.0%}"
-                f"{self.calls:>6}{self.steps / self.calls:>6.1f}")
+                f"{self.calls:>7}{self.steps / self.calls:>7.1f}")
 
 
 HEADER = (f"{'run':<16}{'eps':>5}{'pool':>5}{'wall s':>8}{'s/ep':>7}{'ep/s':>7}{'step/s':>7}{'env/s':>7}{'gen%':>6}"
-          f"{'tok/s':>7}{'raw':>7}{'%raw':>6}{'calls':>6}{'batch':>6}")
+          f"{'tok/s':>7}{'raw':>7}{'%raw':>6}{'rounds':>7}{'/round':>7}")
 LEGEND = ("step/s: agent turns per second; env/s: turns whose action reached the environment; gen%: share of wall "
           "time inside the backend's generate calls; tok/s: generated "
-          "tokens per wall second; raw: the backend's tokens/s replaying the engine's tick prompts, one call per tick; "
-          "batch: prompts per model call")
+          "tokens per wall second; raw: the backend's tokens/s on the run's prompts replayed in batches of the pool "
+          "size, one generate call each; rounds: (a) model calls, (b) engine rounds (vLLM answers each reply as "
+          "its sequence ends, the others keep decoding; other backends: one batched call a round); /round: "
+          "replies per round")
 
 
 def sequential(backend, env, tasks, params: SamplingParams, max_steps: int, history: int | None) -> Run:
@@ -108,15 +111,16 @@ def engine_run(engine: RolloutEngine, ticks: list[Tick], tasks, max_steps: int) 
                list(ticks))
 
 
-def raw_throughput(backend, ticks: list[Tick], params: SamplingParams, samples: int) -> float:
-    """The backend's batched tokens/s on the engine's own prompts: up to `samples` ticks spread over the run,
-    each replayed in one generate call (vLLM serves their prefixes from its cache, as it did in the run)."""
-    chosen = ticks[::max(1, len(ticks) // samples)][:samples]
+def raw_throughput(backend, ticks: list[Tick], params: SamplingParams, samples: int, batch: int) -> float:
+    """The backend's batched tokens/s on the run's own prompts: `samples` batches of `batch` prompts spread
+    over the run, each in one generate call (vLLM serves their prefixes from its cache, as it did in the run)."""
+    prompts = [p for tick in ticks for p in tick.prompts]
+    starts = range(0, max(1, len(prompts) - batch + 1), max(1, (len(prompts) - batch) // samples or 1))
     tokens, seconds = 0, 0.0
-    for tick in chosen:
-        start = time.perf_counter()
-        tokens += sum(c.completion_tokens for [c] in backend.generate(tick.prompts, params))
-        seconds += time.perf_counter() - start
+    for start in list(starts)[:samples]:
+        began = time.perf_counter()
+        tokens += sum(c.completion_tokens for [c] in backend.generate(prompts[start:start + batch], params))
+        seconds += time.perf_counter() - began
     return tokens / seconds
 
 
@@ -168,7 +172,7 @@ def bench_backend(kind: str, model, tasks, args) -> None:
             for n in counts:
                 forget_prefixes(backend)
                 run = engine_run(engine, ticks, tasks[:n], args.steps)
-                run.raw = raw_throughput(backend, run.ticks, params, args.replays)
+                run.raw = raw_throughput(backend, run.ticks, params, args.replays, run.pool)
                 if n == len(first):
                     a.raw = run.raw  # the same prompts, batched as the engine batched them
                     print(a.row(), flush=True)
@@ -195,7 +199,7 @@ def main() -> None:
     parser.add_argument("--history", type=int, default=8, help="steps kept in prompts (0: all)")
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--pool", type=int, default=16, help="most environments (JVMs) alive")
-    parser.add_argument("--replays", type=int, default=6, help="ticks per run replayed to measure raw throughput")
+    parser.add_argument("--replays", type=int, default=6, help="batches per run replayed to measure raw throughput")
     parser.add_argument("--dtype", default="auto", help="transformers weights dtype (auto: the checkpoint's bf16)")
     parser.add_argument("--home", help="SAND_HOME (converted model cache); default: $SAND_HOME or a temp dir")
     args = parser.parse_args()

@@ -1,17 +1,19 @@
-"""The rollout engine: many episodes advance together, one batched model call per tick.
+"""The rollout engine: many episodes advance together on one stream of model requests.
 
 Evaluation, candidate sampling and critique rollouts are all episodes: a task, optionally an expert
-prefix to replay and a first action to force, then the agent acts until the episode ends. At each
-tick the engine renders the prompts of every live episode, makes ONE generation call for all of
-them, parses the replies and steps every environment in parallel on threads. Finished episodes
-free their environment for a waiting one (continuous batching at the episode level); the new
-episode's reset and replay run while the next tick generates, and it joins the tick after, so
-batches are the same whatever the timing. Environments are pooled: a pool of N holds at most N
-engines (JVMs) alive, reused across episodes and runs. The engine never asks an environment for
-its admissible actions (ScienceWorld computes them at ~50 ms a call).
+prefix to replay and a first action to force, then the agent acts until the episode ends. Every live
+episode has one prompt in the backend's stream (`Backend.stream`). Each round takes the replies that
+are ready, parses them, steps those environments in parallel on threads and submits their next
+prompts. With vLLM a reply is ready as soon as its own sequence ends while the others keep decoding
+(continuous batching at the token level); other backends answer all pending prompts in one batched
+call per round. Finished episodes free their environment for a waiting one; the new episode's reset
+and replay run while the next round generates, and it joins the round after. Environments are
+pooled: a pool of N holds at most N engines (JVMs) alive, reused across episodes and runs. The engine
+never asks an environment for its admissible actions (ScienceWorld computes them at ~50 ms a call).
 """
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -63,7 +65,7 @@ class EpisodeResult:
 
 @dataclass(frozen=True)
 class Tick:
-    """What one tick did, for `on_tick` observers (benchmarks, progress logs)."""
+    """What one round did (the replies one `Stream.finished` call returned), for `on_tick` observers."""
 
     prompts: list[str]
     completions: list[Completion]
@@ -115,13 +117,25 @@ class RolloutEngine:
 
     def run(self, requests: Iterable[EpisodeRequest], adapter: str | None = None) -> Iterator[EpisodeResult]:
         """Yield each episode's result as soon as it ends (not in request order). `requests` is read
-        lazily, as environments free up."""
+        lazily, as environments free up.
+
+        Each episode's next prompt goes to the backend's stream as soon as its environment has stepped, so
+        with a continuously batching backend (vLLM) an episode never waits for the slowest reply of a tick."""
         if self._running:
             raise SandError("this RolloutEngine is already running episodes: one run at a time")
         self._running = True
         waiting = iter(requests)
-        live: list[_Live] = []
-        starting: list[Future[_Live]] = []  # admitted last round: they join this round's tick
+        live: dict[int, _Live] = {}
+        prompts: dict[int, str] = {}  # what each live episode was last asked
+        starting: list[Future[_Live]] = []  # admitted last round (resetting, replaying forced steps): join this one
+        numbers = itertools.count()
+        stream = self.backend.stream(self.params, adapter)
+
+        def ask(n: int, episode: _Live) -> None:
+            live[n] = episode
+            prompts[n] = self._prompt(episode.result)
+            stream.submit(n, prompts[n])
+
         try:
             while True:
                 for future in starting:
@@ -130,7 +144,7 @@ class RolloutEngine:
                         self._idle.append(episode.env)
                         yield episode.result
                     else:
-                        live.append(episode)
+                        ask(next(numbers), episode)
                 starting = []
                 while len(live) + len(starting) < self.pool_size and (request := next(waiting, None)) is not None:
                     env = self._idle.pop() if self._idle else None
@@ -139,12 +153,23 @@ class RolloutEngine:
                     if not starting:
                         return
                     continue
-                self._tick(live, adapter)
-                for episode in [e for e in live if e.result.done]:
-                    live.remove(episode)
-                    self._idle.append(episode.env)
-                    yield episode.result
+                start = time.perf_counter()
+                answered = stream.finished()
+                generated = time.perf_counter()
+                episodes = [live[n] for n, _ in answered]
+                list(self._threads.map(self._act, episodes, [c for _, c in answered]))
+                if self.on_tick is not None:
+                    self.on_tick(Tick([prompts[n] for n, _ in answered], [c for _, c in answered],
+                                      generated - start, time.perf_counter() - generated))
+                for (n, _), episode in zip(answered, episodes):
+                    if episode.result.done:
+                        del live[n], prompts[n]
+                        self._idle.append(episode.env)
+                        yield episode.result
+                    else:
+                        ask(n, episode)
         finally:  # also when the caller stops early: every environment is free again (reset on next use)
+            stream.close()
             wait(starting)
             self._idle = list(self._envs)
             self._running = False
@@ -172,15 +197,6 @@ class RolloutEngine:
     def _prompt(self, result: EpisodeResult) -> str:
         return self.backend.render(conversation(result.request.task.env, result.instruction,
                                                 history_window(result.steps, self.history_steps)))
-
-    def _tick(self, live: list[_Live], adapter: str | None) -> None:
-        prompts = [self._prompt(e.result) for e in live]
-        start = time.perf_counter()
-        completions = [c for [c] in self.backend.generate(prompts, self.params, adapter)]
-        generated = time.perf_counter()
-        list(self._threads.map(self._act, live, completions))
-        if self.on_tick is not None:
-            self.on_tick(Tick(prompts, completions, generated - start, time.perf_counter() - generated))
 
     @staticmethod
     def _act(episode: _Live, completion: Completion) -> None:

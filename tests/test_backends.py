@@ -255,3 +255,17 @@ def test_seeded_sampling_of_more_prompt_tokens_than_one_engine_step_takes(backen
     results = backend.generate(prompts, params)
     assert [len(r) for r in results] == [2] * 8 and all(c.prompt_tokens > 700 for r in results for c in r)
     assert backend.generate(prompts, params) == results
+
+
+def test_a_stream_answers_every_prompt_as_generate_does_and_a_call_meanwhile_takes_none_of_them(backend, prompts):
+    params = SamplingParams(max_new_tokens=12)
+    expected = [c for [c] in backend.generate(prompts, params)]
+    answered = {}
+    with backend.stream(params) as stream:
+        for i, prompt in enumerate(prompts):
+            stream.submit(i, prompt)
+        assert greedy(backend, prompts[:1], max_new_tokens=12) == [[expected[0]]]  # while the stream is pending
+        while len(answered) < len(prompts):
+            answered.update(stream.finished())
+        assert stream.finished() == []
+    assert [answered[i] for i in range(len(prompts))] == expected

@@ -14,9 +14,10 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from sand.errors import SandError
@@ -51,6 +52,12 @@ class Backend(ABC):
     def render(self, messages: list[dict]) -> str:
         """The model's chat template applied to `messages`, ending with the assistant generation prompt."""
 
+    def stream(self, params: SamplingParams, adapter: str | None = None) -> Stream:
+        """Prompts submitted one at a time and answered as each finishes (one completion each; `params.n` is
+        ignored). Here: everything submitted is answered by one `generate` call; engines that batch
+        continuously answer each prompt as soon as it is done while the others keep decoding."""
+        return _BatchStream(self, replace(params, n=1), adapter)
+
     def close(self) -> None:
         """Release the engine (processes, memory, connections)."""
 
@@ -59,6 +66,41 @@ class Backend(ABC):
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class Stream(ABC):
+    @abstractmethod
+    def submit(self, key: Hashable, prompt: str) -> None:
+        """Queue `prompt`; its completion comes back from `finished` under `key`."""
+
+    @abstractmethod
+    def finished(self) -> list[tuple[Hashable, Completion]]:
+        """Wait until at least one submitted prompt is answered and return every answered one ([] when
+        nothing is pending)."""
+
+    def close(self) -> None:
+        """Drop what is still pending."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class _BatchStream(Stream):
+    def __init__(self, backend: Backend, params: SamplingParams, adapter: str | None):
+        self.backend, self.params, self.adapter = backend, params, adapter
+        self._pending: dict[Hashable, str] = {}
+
+    def submit(self, key: Hashable, prompt: str) -> None:
+        self._pending[key] = prompt
+
+    def finished(self) -> list[tuple[Hashable, Completion]]:
+        keys, prompts = list(self._pending), list(self._pending.values())
+        self._pending.clear()
+        return [(k, c) for k, [c] in zip(keys, self.backend.generate(prompts, self.params, self.adapter))] \
+            if prompts else []
 
 
 def _trim(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
@@ -262,20 +304,62 @@ class VLLMBackend(Backend):
                              gpu_memory_utilization=gpu_memory_utilization, **engine_options)
         self._lora_ids: dict[tuple[str, int], int] = {}
         self._lock = threading.Lock()
+        self._request_ids = itertools.count()
+        self._outputs: dict[str, object] = {}  # finished vLLM RequestOutputs not collected yet, by request id
 
     def render(self, messages: list[dict]) -> str:
         return _render_with(self._llm.get_tokenizer(), messages)
 
     def generate(self, prompts: list[str], params: SamplingParams,
                  adapter: str | None = None) -> list[list[Completion]]:
-        sampling = self._vllm.SamplingParams(n=_distinct(params), temperature=params.temperature,
-                                             top_p=params.top_p, max_tokens=params.max_new_tokens,
-                                             stop=list(params.stop) or None, seed=params.seed)
-        with self._lock:  # one engine loop: concurrent callers take turns (batch them into one call instead)
-            outputs = self._llm.generate(prompts, sampling, use_tqdm=False, lora_request=self._lora(adapter))
-        return [_repeat_greedy([Completion(o.text, len(out.prompt_token_ids), len(o.token_ids),
-                                           "length" if o.finish_reason == "length" else "stop")
-                                for o in out.outputs], params) for out in outputs]
+        sampling, lora = self._sampling(params), self._lora(adapter)
+        with self._lock:
+            ids = [self._add(p, sampling, lora) for p in prompts]
+            try:
+                self._step_until(ids, all)
+            except BaseException:
+                self._abort(ids)
+                raise
+            outputs = [self._outputs.pop(i) for i in ids]
+        return [_repeat_greedy([self._completion(out, o) for o in out.outputs], params) for out in outputs]
+
+    def stream(self, params: SamplingParams, adapter: str | None = None) -> Stream:
+        return _VLLMStream(self, self._sampling(replace(params, n=1)), self._lora(adapter))
+
+    # Requests go straight to vLLM's engine and its outputs are routed by request id, so a `generate` call
+    # made while a stream is open (a critic between rollouts) never takes the stream's answers.
+    def _sampling(self, params: SamplingParams):
+        from vllm.sampling_params import RequestOutputKind
+
+        return self._vllm.SamplingParams(n=_distinct(params), temperature=params.temperature, top_p=params.top_p,
+                                         max_tokens=params.max_new_tokens, stop=list(params.stop) or None,
+                                         seed=params.seed, output_kind=RequestOutputKind.FINAL_ONLY)
+
+    def _add(self, prompt: str, sampling, lora) -> str:
+        request_id = f"sand-{next(self._request_ids)}"
+        self._llm.llm_engine.add_request(request_id, prompt, sampling, lora_request=lora)
+        return request_id
+
+    def _step_until(self, ids: list[str], enough: Callable[[Iterable[bool]], bool]) -> None:
+        """Run the engine until `enough` of `ids` have finished (their outputs land in `_outputs`)."""
+        engine = self._llm.llm_engine
+        while not enough(i in self._outputs for i in ids):
+            if not engine.has_unfinished_requests():
+                raise SandError(f"vLLM has no request left running, yet {len(ids)} awaited ones did not finish")
+            for output in engine.step():
+                if output.finished:
+                    self._outputs[output.request_id] = output
+
+    def _abort(self, ids: list[str]) -> None:
+        """Stop the unfinished of `ids` and forget the finished."""
+        unfinished = [i for i in ids if self._outputs.pop(i, None) is None]
+        if unfinished:
+            self._llm.llm_engine.abort_request(unfinished)
+
+    @staticmethod
+    def _completion(out, o) -> Completion:
+        return Completion(o.text, len(out.prompt_token_ids), len(o.token_ids),
+                          "length" if o.finish_reason == "length" else "stop")
 
     def _lora(self, adapter: str | None):
         if adapter is None:
@@ -290,6 +374,31 @@ class VLLMBackend(Backend):
         if self._llm is not None:
             self._llm.llm_engine.engine_core.shutdown()
             self._llm = None
+
+
+class _VLLMStream(Stream):
+    def __init__(self, backend: VLLMBackend, sampling, lora):
+        self.backend, self.sampling, self.lora = backend, sampling, lora
+        self._keys: dict[str, Hashable] = {}  # request id -> key, pending
+
+    def submit(self, key: Hashable, prompt: str) -> None:
+        with self.backend._lock:
+            self._keys[self.backend._add(prompt, self.sampling, self.lora)] = key
+
+    def finished(self) -> list[tuple[Hashable, Completion]]:
+        if not self._keys:
+            return []
+        backend = self.backend
+        with backend._lock:
+            backend._step_until(list(self._keys), any)
+            done = [i for i in self._keys if i in backend._outputs]
+            outputs = [backend._outputs.pop(i) for i in done]
+        return [(self._keys.pop(i), backend._completion(out, out.outputs[0])) for i, out in zip(done, outputs)]
+
+    def close(self) -> None:
+        with self.backend._lock:
+            self.backend._abort(list(self._keys))
+        self._keys.clear()
 
 
 class OpenAIBackend(Backend):

@@ -193,7 +193,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backends", default="transformers,vllm")
     parser.add_argument("--episodes", default="1,8,32,128", help="engine runs of this many episodes")
-    parser.add_argument("--sequential", type=int, default=8, help="episodes of the (a) vs (b) comparison")
+    parser.add_argument("--sequential", type=int, default=32, help="episodes of the (a) vs (b) comparison")
     parser.add_argument("--transformers-cap", type=int, default=4, help="most episodes per transformers run")
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--history", type=int, default=8, help="steps kept in prompts (0: all)")

@@ -292,6 +292,8 @@ class VLLMBackend(Backend):
         model = resolve_model(model_path)
         if current_platform.is_cpu():
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{cpu_kv_cache_gb:g}")  # read by the engine process
+            if (os.cpu_count() or 1) <= 2:  # vLLM keeps a core for its scheduler: here that is half the machine
+                os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")  # measured: batched decoding 1.5x
             # A seeded request whose prompt is prefilled over several engine steps kills vLLM's CPU worker (CPU
             # generators cannot rewind: "CPU Generator does not use offset"), so prompts are prefilled whole.
             longest = engine_options.get("max_model_len") or json.loads((model / "config.json").read_text()).get(

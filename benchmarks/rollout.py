@@ -146,7 +146,8 @@ def forget_prefixes(backend) -> None:
 def bench_backend(kind: str, model, tasks, args) -> None:
     params = SamplingParams(max_new_tokens=args.new_tokens)
     options = {"transformers": {"model_path": model, "batch_size": args.pool, "dtype": args.dtype},
-               "vllm": {"model_path": model, "max_model_len": 4096, "enable_lora": False}}[kind]
+               "vllm": {"model_path": model, "max_model_len": 4096, "enable_lora": False,
+                        **({"block_size": args.block_size} if args.block_size else {})}}[kind]
     cap = args.transformers_cap if kind == "transformers" else None
     first = tasks[:min(args.sequential, cap or args.sequential)]
     counts = sorted({n for n in args.episodes if cap is None or n <= cap} | {len(first)})
@@ -200,6 +201,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--pool", type=int, default=16, help="most environments (JVMs) alive")
     parser.add_argument("--replays", type=int, default=6, help="batches per run replayed to measure raw throughput")
+    parser.add_argument("--block-size", type=int, help="vLLM KV cache block size (the prefix cache's unit; "
+                        "CPU default 128)")
     parser.add_argument("--dtype", default="auto", help="transformers weights dtype (auto: the checkpoint's bf16)")
     parser.add_argument("--home", help="SAND_HOME (converted model cache); default: $SAND_HOME or a temp dir")
     args = parser.parse_args()

@@ -97,7 +97,7 @@ class _Live:
 class RolloutEngine:
     """Runs episodes with `backend` on a pool of at most `pool_size` environments made by `make_env`.
 
-    `params.n` is ignored (one reply per episode and tick). `history_steps` bounds the steps a prompt
+    `params.n` is ignored (one reply per episode and turn). `history_steps` bounds the steps a prompt
     shows (`history_window`; None: all). One `run` at a time per engine.
     """
 
@@ -120,7 +120,7 @@ class RolloutEngine:
         lazily, as environments free up.
 
         Each episode's next prompt goes to the backend's stream as soon as its environment has stepped, so
-        with a continuously batching backend (vLLM) an episode never waits for the slowest reply of a tick."""
+        with a continuously batching backend (vLLM) an episode never waits for the slowest reply of a round."""
         if self._running:
             raise SandError("this RolloutEngine is already running episodes: one run at a time")
         self._running = True

@@ -298,8 +298,10 @@ class VLLMBackend(Backend):
             # generators cannot rewind: "CPU Generator does not use offset"), so prompts are prefilled whole.
             longest = engine_options.get("max_model_len") or json.loads((model / "config.json").read_text()).get(
                 "max_position_embeddings", 4096)
+            # The prefix cache keeps whole blocks: an agent turn adds ~100 tokens, so CPU's default 128-token blocks
+            # re-read much of the last turn again (measured, rollout benchmark: 32-token blocks 3.4x vs 2.9x).
             engine_options = {"enable_chunked_prefill": False, "max_num_batched_tokens": max(4096, longest),
-                              **engine_options}
+                              "block_size": 32, **engine_options}
         self._llm = vllm.LLM(model=str(model), tensor_parallel_size=tensor_parallel_size,
                              enable_lora=enable_lora, max_lora_rank=max_lora_rank,
                              enable_prefix_caching=enable_prefix_caching,

@@ -42,7 +42,20 @@ class Completion:
     finish_reason: str  # "stop" (EOS or a stop string) | "length"
 
 
-class Backend(ABC):
+class _Closing:
+    """`with` support for objects released by `close()`."""
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Backend(_Closing, ABC):
     @abstractmethod
     def generate(self, prompts: list[str], params: SamplingParams,
                  adapter: str | None = None) -> list[list[Completion]]:
@@ -61,14 +74,8 @@ class Backend(ABC):
     def close(self) -> None:
         """Release the engine (processes, memory, connections)."""
 
-    def __enter__(self):
-        return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-class Stream(ABC):
+class Stream(_Closing, ABC):
     @abstractmethod
     def submit(self, key: Hashable, prompt: str) -> None:
         """Queue `prompt`; its completion comes back from `finished` under `key`."""
@@ -80,12 +87,6 @@ class Stream(ABC):
 
     def close(self) -> None:
         """Drop what is still pending."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 class _BatchStream(Stream):

@@ -37,8 +37,15 @@ class TrainConfig(_Strict):
     lora_r: int = 16
     lora_alpha: int = 32
     learning_rate: float = 5e-4
-    epochs: float = 1.0
-    epochs_after_first: float = 1.0  # SAND iterations after the first (paper: 3 then 1)
+    epochs: float = 1.0  # SFT of the base model (pi_0)
+    # SAND iteration k trains iteration_epochs[k-1] epochs, the last entry repeating (paper: [3, 1]).
+    iteration_epochs: list[float] = Field(default=[1.0], min_length=1)
+
+    def epochs_of(self, iteration: int) -> float:
+        """Epochs of the training that makes pi_iteration (0: SFT)."""
+        if iteration == 0:
+            return self.epochs
+        return self.iteration_epochs[min(iteration, len(self.iteration_epochs)) - 1]
     max_steps: int = -1
     per_device_batch_size: int = 2
     gradient_accumulation_steps: int = 2

@@ -235,9 +235,8 @@ def _iteration(exp: Experiment, k: int, data_key: AssetKey, checkpoint_key: Asse
                              pipes: PipesSubprocessClient) -> MaterializeResult:
         db = store.store()
         _, init = _checkpoint(db, exp, k - 1)
-        epochs = exp.train.epochs if k == 1 else exp.train.epochs_after_first
         return train_checkpoint(context, exp, db, k, db.head("trajectories", iteration_dataset(exp, k)), init,
-                                epochs, pipes)
+                                exp.train.epochs_of(k), pipes)
 
     @asset(key=_key(exp, k, "evaluation"), group_name=group, deps=[finetuned_checkpoint, *evaluation_data(exp)],
            pool="gpu", kinds={"python"}, code_version=code_version("sand.evaluation", "sand.rollout", "sand.react",

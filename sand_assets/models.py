@@ -106,7 +106,7 @@ def train_checkpoint(context: AssetExecutionContext, exp: Experiment, store: Sto
 
     base = resolve_model(exp.base_model)
     base_hash = model_hash(base)
-    train = exp.train.model_dump(exclude={"epochs", "epochs_after_first", "launcher"})
+    train = exp.train.model_dump(exclude={"epochs", "iteration_epochs", "launcher"})
     identity = json.dumps({"base": base_hash, "data": data.version, "init": init, "epochs": epochs, "train": train,
                            "code": code_version("sand.training.sft", "sand.react", prompts=True)}, sort_keys=True)
     version = hashlib.sha256(identity.encode()).hexdigest()[:16]
@@ -199,7 +199,7 @@ def build_model_assets(exp: Experiment) -> list[AssetsDefinition]:
         d0 = training_subset(db.read("trajectories", EXPERT), exp.train_data)
         data = db.write("trajectories", f"{prefix}/d0", d0,
                         lineage_for(context, iteration=0, inputs=[db.head("trajectories", EXPERT)])).ref
-        return train_checkpoint(context, exp, db, 0, data, None, exp.train.epochs, pipes)
+        return train_checkpoint(context, exp, db, 0, data, None, exp.train.epochs_of(0), pipes)
 
     eval_code = code_version("sand.evaluation", "sand.rollout", "sand.react", "sand.selection", prompts=True)
 

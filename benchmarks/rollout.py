@@ -1,7 +1,8 @@
 """Rollout throughput: the batched rollout engine against the one-episode-at-a-time loop of public pipelines.
 
-Workload: greedy episodes of the default model (SmolLM2-135M-Instruct) on ScienceWorld dev variations (task types
-interleaved), capped at --steps agent steps, history window --history. For each backend:
+Workload: greedy episodes of the default model (SmolLM2-135M-Instruct, or with --adapter a LoRA checkpoint of it, such
+as an experiment's SFT agent) on ScienceWorld dev variations (task types interleaved), capped at --steps agent steps,
+history window --history. For each backend:
   (a) sequential: one episode at a time, one model call per turn, one environment;
   (b) the engine: every live episode's prompt in one stream of requests (vLLM batches them continuously and
       answers each as its sequence ends; other backends: one batched call a round), environments stepped on
@@ -13,7 +14,10 @@ cache, as they did in the run); (a) is set against the raw throughput of (b) on 
 re-reads every prompt in full at every turn (no cache across calls), so it gets at most --transformers-cap episodes.
 vLLM's prefix cache is emptied before each timed run.
 
-    python benchmarks/rollout.py [--backends transformers,vllm] [--episodes 1,8,32,128] [--steps 15]
+    python benchmarks/rollout.py [--backends transformers,vllm] [--episodes 1,8,32,128] [--steps 15] [--adapter DIR]
+
+The prompted base model answers most turns with a malformed reply (a few tokens, no environment step): a
+prefill-bound workload. A trained agent writes a thought and acts, as the agents of SAND's rollouts do.
 
 Cores are shared: the load average is printed with the results.
 """
@@ -29,6 +33,7 @@ import torch
 
 from sand.envs.sciworld import ScienceWorldEnv
 from sand.models import SamplingParams, make_backend, resolve_model
+from sand.models.registry import merged_model
 from sand.react import conversation, parse_reply
 from sand.rollout import FORMAT_ERROR, EpisodeRequest, RolloutEngine, Tick, history_window
 from sand.selection import spread_tasks
@@ -204,6 +209,8 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, help="vLLM KV cache block size (the prefix cache's unit; "
                         "CPU default 128)")
     parser.add_argument("--dtype", default="auto", help="transformers weights dtype (auto: the checkpoint's bf16)")
+    parser.add_argument("--adapter", help="LoRA checkpoint folder of the default model to run as the agent "
+                        "(merged into the weights once); default: the prompted base model")
     parser.add_argument("--home", help="SAND_HOME (converted model cache); default: $SAND_HOME or a temp dir")
     args = parser.parse_args()
     args.episodes = [int(n) for n in args.episodes.split(",")]
@@ -211,10 +218,10 @@ def main() -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GB of KV cache (and prefix cache) for vLLM on CPU
     os.environ["SAND_HOME"] = args.home or os.environ.get("SAND_HOME") or tempfile.mkdtemp(prefix="sand-bench-")
     torch.set_num_threads(1)  # shared cores: a multi-threaded torch step stalls whenever another process runs
-    model = resolve_model("smollm2-135m")
+    model = merged_model("smollm2-135m", args.adapter) if args.adapter else resolve_model("smollm2-135m")
     with ScienceWorldEnv(jvm_heap_mb=JVM_HEAP_MB) as lister:
         tasks = spread_tasks(lister.tasks("dev"), max(args.episodes + [args.sequential]))
-    print(f"model {model.name}; {len(tasks)} ScienceWorld dev variations over {len({t.task for t in tasks})} task "
+    print(f"model {model.name}{f' (adapter {args.adapter})' if args.adapter else ''}; {len(tasks)} ScienceWorld dev variations over {len({t.task for t in tasks})} task "
           f"types; {args.steps} steps, history {args.history}, {args.new_tokens} new tokens, greedy; pool {args.pool}")
     print(LEGEND)
     for kind in args.backends.split(","):

@@ -69,6 +69,15 @@ def test_shipped_experiments_load():
     assert "quickstart" in names and "paper" in names
 
 
+def test_epochs_per_iteration(tmp_path):
+    paper = next(e for e in load_experiments() if e.name == "paper")
+    assert [paper.train.epochs_of(k) for k in range(4)] == [3, 3, 1, 1]  # SFT, then SAND: 3 in round 1, 1 after
+    path = tmp_path / "x.yaml"
+    path.write_text(json.dumps({"train": {"iteration_epochs": []}}))
+    with pytest.raises(SandError, match=r"x.yaml: invalid experiment: train.iteration_epochs"):
+        load_experiment(path)
+
+
 def test_bad_experiment_names_the_field(tmp_path):
     path = tmp_path / "x.yaml"
     path.write_text(json.dumps({"train": {"learnin_rate": 1}}))

@@ -8,11 +8,12 @@ history window --history. For each backend:
       answers each as its sequence ends; other backends: one batched call a round), environments stepped on
       threads, a pool of at most --pool environments (JVMs), continuous admission.
 (a) and (b) run the same first --sequential tasks; the speedup is their wall-time ratio and the greedy agreement
-compares their replies step by step. (b) runs 1, 8, 32, ... episodes (cost growth). Raw throughput of a run: the
-run's prompts replayed, --replays batches of the pool size, one generate call each (with vLLM these hit its prefix
-cache, as they did in the run); (a) is set against the raw throughput of (b) on the same tasks. The transformers backend
-re-reads every prompt in full at every turn (no cache across calls), so it gets at most --transformers-cap episodes.
-vLLM's prefix cache is emptied before each timed run.
+compares their replies step by step. (b) runs 1, 8, 32, ... episodes (cost growth). Raw throughput of a run: all
+the run's prompts replayed from an empty prefix cache, turn by turn, pool-size episodes in one generate call a turn
+(raw_throughput): the same prefill and decoding, without environments or waiting for replies. (a) is set against
+the raw throughput of (b) on the same tasks. The transformers backend re-reads every prompt in full at every turn (no
+cache across calls), so it gets at most --transformers-cap episodes. vLLM's prefix cache is emptied before each timed
+run.
 
     python benchmarks/rollout.py [--backends transformers,vllm] [--episodes 1,8,32,128] [--steps 15] [--adapter DIR]
 
@@ -24,10 +25,11 @@ Cores are shared: the load average is printed with the results.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -35,7 +37,13 @@ from sand.envs.sciworld import ScienceWorldEnv
 from sand.models import SamplingParams, make_backend, resolve_model
 from sand.models.registry import merged_model
 from sand.react import conversation, parse_reply
-from sand.rollout import FORMAT_ERROR, EpisodeRequest, RolloutEngine, Tick, history_window
+from sand.rollout import (
+    FORMAT_ERROR,
+    EpisodeRequest,
+    RolloutEngine,
+    Tick,
+    history_window,
+)
 from sand.selection import spread_tasks
 from sand.trajectory import Step
 
@@ -54,7 +62,7 @@ class Run:
     calls: int
     generate_seconds: float  # inside the backend's generate calls
     replies: dict[str, list[str]]  # task id -> the agent's replies
-    ticks: list[Tick] = field(default_factory=list)
+    prompts: list[list[str]]  # each episode's prompts, turn by turn, episodes in admission order
     raw: float = float("nan")  # the backend's batched tokens/s on this run's prompts (replayed)
 
     def row(self) -> str:
@@ -69,21 +77,28 @@ HEADER = (f"{'run':<16}{'eps':>5}{'pool':>5}{'wall s':>8}{'s/ep':>7}{'ep/s':>7}{
           f"{'tok/s':>7}{'raw':>7}{'%raw':>6}{'rounds':>7}{'/round':>7}")
 LEGEND = ("step/s: agent turns per second; env/s: turns whose action reached the environment; gen%: share of wall "
           "time inside the backend's generate calls; tok/s: generated "
-          "tokens per wall second; raw: the backend's tokens/s on the run's prompts replayed in batches of the pool "
-          "size, one generate call each; rounds: (a) model calls, (b) engine rounds (vLLM answers each reply as "
+          "tokens per wall second; raw: the backend's tokens/s on the run's prompts replayed turn by turn, "
+          "pool-size episodes a generate call; rounds: (a) model calls, (b) engine rounds (vLLM answers each reply as "
           "its sequence ends, the others keep decoding; other backends: one batched call a round); /round: "
           "replies per round")
 
 
+def agent_prompt(backend, task, instruction: str, steps: list[Step], history: int | None) -> str:
+    """The prompt of the turn after `steps` (the engine's: sand.rollout.RolloutEngine)."""
+    return backend.render(conversation(task.env, instruction, history_window(steps, history)))
+
+
 def sequential(backend, env, tasks, params: SamplingParams, max_steps: int, history: int | None) -> Run:
     """The loop public pipelines run: reset, then one model call and one env step per turn."""
-    replies, steps_total, env_steps, tokens, generating = {}, 0, 0, 0, 0.0
+    replies, prompts, steps_total, env_steps, tokens, generating = {}, [], 0, 0, 0, 0.0
     start = time.perf_counter()
     for task in tasks:
         instruction, steps, texts = env.reset(task), [], []
+        prompts.append([])
         limit = min(max_steps, env.max_steps)
         while len(steps) < limit:
-            prompt = backend.render(conversation(task.env, instruction, history_window(steps, history)))
+            prompt = agent_prompt(backend, task, instruction, steps, history)
+            prompts[-1].append(prompt)
             called = time.perf_counter()
             [[completion]] = backend.generate([prompt], params)
             generating += time.perf_counter() - called
@@ -101,7 +116,7 @@ def sequential(backend, env, tasks, params: SamplingParams, max_steps: int, hist
         replies[task.task_id] = texts
         steps_total += len(steps)
     return Run("(a) sequential", len(tasks), 1, time.perf_counter() - start, steps_total, env_steps, tokens,
-               steps_total, generating, replies)
+               steps_total, generating, replies, prompts)
 
 
 def engine_run(engine: RolloutEngine, ticks: list[Tick], tasks, max_steps: int) -> Run:
@@ -110,22 +125,39 @@ def engine_run(engine: RolloutEngine, ticks: list[Tick], tasks, max_steps: int) 
     results = list(engine.run([EpisodeRequest(t, max_steps=max_steps) for t in tasks]))
     seconds = time.perf_counter() - start
     steps = sum(len(r.steps) for r in results)
+    order = {t.task_id: i for i, t in enumerate(tasks)}
+    results.sort(key=lambda r: order[r.request.task.task_id])
+    prompts = [[agent_prompt(engine.backend, r.request.task, r.instruction, r.steps[:i], engine.history_steps)
+                for i in range(len(r.steps))] for r in results]
     return Run("(b) engine", len(tasks), min(engine.pool_size, len(tasks)), seconds, steps,
                steps - sum(r.format_errors for r in results), sum(r.completion_tokens for r in results), len(ticks),
-               sum(t.generate_seconds for t in ticks), {r.request.task.task_id: r.replies for r in results},
-               list(ticks))
+               sum(t.generate_seconds for t in ticks), {r.request.task.task_id: r.replies for r in results}, prompts)
 
 
-def raw_throughput(backend, ticks: list[Tick], params: SamplingParams, samples: int, batch: int) -> float:
-    """The backend's batched tokens/s on the run's own prompts: `samples` batches of `batch` prompts spread
-    over the run, each in one generate call (vLLM serves their prefixes from its cache, as it did in the run)."""
-    prompts = [p for tick in ticks for p in tick.prompts]
-    starts = range(0, max(1, len(prompts) - batch + 1), max(1, (len(prompts) - batch) // samples or 1))
+def raw_throughput(backend, episodes: list[list[str]], params: SamplingParams, batch: int) -> float:
+    """The backend's batched tokens/s on a run's own prompts: `episodes` (each episode's prompts, turn by turn)
+    replayed from an empty prefix cache, `batch` episodes at a time in one generate call a turn, a finished
+    episode's place taken by the next. Each call prefills what the run had to (the newest turn; with vLLM the
+    rest of a prompt is the previous call's cached prefix, as in the run) and decodes, with no environment
+    stepped and no reply waited for: the model's limit on this workload."""
+    forget_prefixes(backend)
+    waiting = iter(episodes)
+    slots = [iter(e) for e in itertools.islice(waiting, batch)]
     tokens, seconds = 0, 0.0
-    for start in list(starts)[:samples]:
-        began = time.perf_counter()
-        tokens += sum(c.completion_tokens for [c] in backend.generate(prompts[start:start + batch], params))
-        seconds += time.perf_counter() - began
+    while slots:
+        prompts = []
+        for i, slot in enumerate(slots):
+            while (prompt := next(slot, None)) is None and (refill := next(waiting, None)) is not None:
+                slot = slots[i] = iter(refill)
+            if prompt is None:
+                slots[i] = None
+            else:
+                prompts.append(prompt)
+        slots = [slot for slot in slots if slot is not None]
+        if prompts:
+            began = time.perf_counter()
+            tokens += sum(c.completion_tokens for [c] in backend.generate(prompts, params))
+            seconds += time.perf_counter() - began
     return tokens / seconds
 
 
@@ -178,9 +210,9 @@ def bench_backend(kind: str, model, tasks, args) -> None:
             for n in counts:
                 forget_prefixes(backend)
                 run = engine_run(engine, ticks, tasks[:n], args.steps)
-                run.raw = raw_throughput(backend, run.ticks, params, args.replays, run.pool)
+                run.raw = raw_throughput(backend, run.prompts, params, run.pool)
                 if n == len(first):
-                    a.raw = run.raw  # the same prompts, batched as the engine batched them
+                    a.raw = run.raw  # the same tasks, batched as the engine batched them
                     print(a.row(), flush=True)
                     b = run
                 print(run.row(), flush=True)
@@ -205,7 +237,6 @@ def main() -> None:
     parser.add_argument("--history", type=int, default=8, help="steps kept in prompts (0: all)")
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--pool", type=int, default=16, help="most environments (JVMs) alive")
-    parser.add_argument("--replays", type=int, default=6, help="batches per run replayed to measure raw throughput")
     parser.add_argument("--block-size", type=int, help="vLLM KV cache block size (the prefix cache's unit; "
                         "CPU default 128)")
     parser.add_argument("--dtype", default="auto", help="transformers weights dtype (auto: the checkpoint's bf16)")

@@ -200,8 +200,8 @@ def bench_backend(kind: str, model, tasks, args) -> None:
         ticks: list[Tick] = []
         with make_env() as env, RolloutEngine(backend, make_env, pool, params, args.history,
                                               on_tick=ticks.append) as engine:
-            # Warm-up outside the timings: every JVM, the engine's and (a)'s, runs one full episode (a JVM's first
-            # steps run interpreted, ~3x slower, until its JIT has compiled the step path), and the model's
+            # Warm-up outside the timings: every JVM, the engine's and (a)'s, runs one full episode (a fresh JVM steps
+            # slowly until its JIT has compiled the step path), and the model's
             # first-call costs are paid.
             list(engine.run([EpisodeRequest(t, max_steps=args.steps) for t in tasks[:pool]]))
             sequential(backend, env, tasks[:1], params, args.steps, args.history)

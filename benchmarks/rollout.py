@@ -25,10 +25,10 @@ Cores are shared: the load average is printed with the results.
 from __future__ import annotations
 
 import argparse
-import itertools
 import os
 import tempfile
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -36,14 +36,8 @@ import torch
 from sand.envs.sciworld import ScienceWorldEnv
 from sand.models import SamplingParams, make_backend, resolve_model
 from sand.models.registry import merged_model
-from sand.react import conversation, parse_reply
-from sand.rollout import (
-    FORMAT_ERROR,
-    EpisodeRequest,
-    RolloutEngine,
-    Tick,
-    history_window,
-)
+from sand.react import parse_reply
+from sand.rollout import FORMAT_ERROR, EpisodeRequest, RolloutEngine, Tick, agent_prompt
 from sand.selection import spread_tasks
 from sand.trajectory import Step
 
@@ -83,11 +77,6 @@ LEGEND = ("step/s: agent turns per second; env/s: turns whose action reached the
           "replies per round")
 
 
-def agent_prompt(backend, task, instruction: str, steps: list[Step], history: int | None) -> str:
-    """The prompt of the turn after `steps` (the engine's: sand.rollout.RolloutEngine)."""
-    return backend.render(conversation(task.env, instruction, history_window(steps, history)))
-
-
 def sequential(backend, env, tasks, params: SamplingParams, max_steps: int, history: int | None) -> Run:
     """The loop public pipelines run: reset, then one model call and one env step per turn."""
     replies, prompts, steps_total, env_steps, tokens, generating = {}, [], 0, 0, 0, 0.0
@@ -97,7 +86,7 @@ def sequential(backend, env, tasks, params: SamplingParams, max_steps: int, hist
         prompts.append([])
         limit = min(max_steps, env.max_steps)
         while len(steps) < limit:
-            prompt = agent_prompt(backend, task, instruction, steps, history)
+            prompt = agent_prompt(backend, task.env, instruction, steps, history)
             prompts[-1].append(prompt)
             called = time.perf_counter()
             [[completion]] = backend.generate([prompt], params)
@@ -125,13 +114,14 @@ def engine_run(engine: RolloutEngine, ticks: list[Tick], tasks, max_steps: int) 
     results = list(engine.run([EpisodeRequest(t, max_steps=max_steps) for t in tasks]))
     seconds = time.perf_counter() - start
     steps = sum(len(r.steps) for r in results)
-    order = {t.task_id: i for i, t in enumerate(tasks)}
-    results.sort(key=lambda r: order[r.request.task.task_id])
-    prompts = [[agent_prompt(engine.backend, r.request.task, r.instruction, r.steps[:i], engine.history_steps)
-                for i in range(len(r.steps))] for r in results]
+    prompts: dict[str, list[str]] = {t.task_id: [] for t in tasks}  # admission order, each episode's turns
+    for tick in ticks:
+        for request, prompt in zip(tick.requests, tick.prompts):
+            prompts[request.task.task_id].append(prompt)
     return Run("(b) engine", len(tasks), min(engine.pool_size, len(tasks)), seconds, steps,
                steps - sum(r.format_errors for r in results), sum(r.completion_tokens for r in results), len(ticks),
-               sum(t.generate_seconds for t in ticks), {r.request.task.task_id: r.replies for r in results}, prompts)
+               sum(t.generate_seconds for t in ticks), {r.request.task.task_id: r.replies for r in results},
+               list(prompts.values()))
 
 
 def raw_throughput(backend, episodes: list[list[str]], params: SamplingParams, batch: int) -> float:
@@ -141,23 +131,17 @@ def raw_throughput(backend, episodes: list[list[str]], params: SamplingParams, b
     rest of a prompt is the previous call's cached prefix, as in the run) and decodes, with no environment
     stepped and no reply waited for: the model's limit on this workload."""
     forget_prefixes(backend)
-    waiting = iter(episodes)
-    slots = [iter(e) for e in itertools.islice(waiting, batch)]
+    waiting = deque(deque(e) for e in episodes if e)
+    live: list[deque[str]] = []
     tokens, seconds = 0, 0.0
-    while slots:
-        prompts = []
-        for i, slot in enumerate(slots):
-            while (prompt := next(slot, None)) is None and (refill := next(waiting, None)) is not None:
-                slot = slots[i] = iter(refill)
-            if prompt is None:
-                slots[i] = None
-            else:
-                prompts.append(prompt)
-        slots = [slot for slot in slots if slot is not None]
-        if prompts:
-            began = time.perf_counter()
-            tokens += sum(c.completion_tokens for [c] in backend.generate(prompts, params))
-            seconds += time.perf_counter() - began
+    while waiting or live:
+        while len(live) < batch and waiting:
+            live.append(waiting.popleft())
+        prompts = [episode.popleft() for episode in live]
+        live = [episode for episode in live if episode]
+        began = time.perf_counter()
+        tokens += sum(c.completion_tokens for [c] in backend.generate(prompts, params))
+        seconds += time.perf_counter() - began
     return tokens / seconds
 
 
@@ -200,9 +184,8 @@ def bench_backend(kind: str, model, tasks, args) -> None:
         ticks: list[Tick] = []
         with make_env() as env, RolloutEngine(backend, make_env, pool, params, args.history,
                                               on_tick=ticks.append) as engine:
-            # Warm-up outside the timings: every JVM, the engine's and (a)'s, runs one full episode (a fresh JVM steps
-            # slowly until its JIT has compiled the step path), and the model's
-            # first-call costs are paid.
+            # Warm-up outside the timings: every JVM, the engine's and (a)'s, runs one full episode (a fresh JVM
+            # steps slowly until its JIT has compiled the step path), and the model's first-call costs are paid.
             list(engine.run([EpisodeRequest(t, max_steps=args.steps) for t in tasks[:pool]]))
             sequential(backend, env, tasks[:1], params, args.steps, args.history)
             print(HEADER)
@@ -254,7 +237,8 @@ def main() -> None:
     model = merged_model("smollm2-135m", args.adapter) if args.adapter else resolve_model("smollm2-135m")
     with ScienceWorldEnv(jvm_heap_mb=JVM_HEAP_MB) as lister:
         tasks = spread_tasks(lister.tasks("dev"), max(args.episodes + [args.sequential]))
-    print(f"model {model.name}{f' (adapter {args.adapter})' if args.adapter else ''}; {len(tasks)} ScienceWorld dev variations over {len({t.task for t in tasks})} task "
+    agent = f"{model.name} (adapter {args.adapter})" if args.adapter else model.name
+    print(f"model {agent}; {len(tasks)} ScienceWorld dev variations over {len({t.task for t in tasks})} task "
           f"types; {args.steps} steps, history {args.history}, {args.new_tokens} new tokens, greedy; pool {args.pool}")
     print(LEGEND)
     for kind in args.backends.split(","):

@@ -40,12 +40,6 @@ class TrainConfig(_Strict):
     epochs: float = 1.0  # SFT of the base model (pi_0)
     # SAND iteration k trains iteration_epochs[k-1] epochs, the last entry repeating (paper: [3, 1]).
     iteration_epochs: list[float] = Field(default=[1.0], min_length=1)
-
-    def epochs_of(self, iteration: int) -> float:
-        """Epochs of the training that makes pi_iteration (0: SFT)."""
-        if iteration == 0:
-            return self.epochs
-        return self.iteration_epochs[min(iteration, len(self.iteration_epochs)) - 1]
     max_steps: int = -1
     per_device_batch_size: int = 2
     gradient_accumulation_steps: int = 2
@@ -55,6 +49,12 @@ class TrainConfig(_Strict):
     launcher: list[str] = Field(default_factory=list,
                                 description="prefix of the training command, e.g. [accelerate, launch, "
                                             "--config_file, configs/accelerate/deepspeed_zero3.yaml]")
+
+    def epochs_of(self, iteration: int) -> float:
+        """Epochs of the training that makes pi_iteration (0: SFT)."""
+        if iteration == 0:
+            return self.epochs
+        return self.iteration_epochs[min(iteration, len(self.iteration_epochs)) - 1]
 
 
 class EnvEval(_Strict):

@@ -67,6 +67,7 @@ class EpisodeResult:
 class Tick:
     """What one round did (the replies one `Stream.finished` call returned), for `on_tick` observers."""
 
+    requests: list[EpisodeRequest]  # the episodes answered, in the order of prompts and completions
     prompts: list[str]
     completions: list[Completion]
     generate_seconds: float
@@ -85,6 +86,11 @@ def history_window(steps: list[Step], history_steps: int | None) -> list[Step]:
         return steps
     stride = max(1, history_steps // 2)
     return steps[((len(steps) - history_steps - 1) // stride + 1) * stride:]
+
+
+def agent_prompt(backend: Backend, env: str, instruction: str, steps: list[Step], history_steps: int | None) -> str:
+    """The agent's prompt for the turn after `steps`: what the engine asks, and what sampling conditions on."""
+    return backend.render(conversation(env, instruction, history_window(steps, history_steps)))
 
 
 @dataclass
@@ -157,10 +163,11 @@ class RolloutEngine:
                 answered = stream.finished()
                 generated = time.perf_counter()
                 episodes = [live[n] for n, _ in answered]
-                list(self._threads.map(self._act, episodes, [c for _, c in answered]))
+                completions = [c for _, c in answered]
+                list(self._threads.map(self._act, episodes, completions))
                 if self.on_tick is not None:
-                    self.on_tick(Tick([prompts[n] for n, _ in answered], [c for _, c in answered],
-                                      generated - start, time.perf_counter() - generated))
+                    self.on_tick(Tick([e.result.request for e in episodes], [prompts[n] for n, _ in answered],
+                                      completions, generated - start, time.perf_counter() - generated))
                 for (n, _), episode in zip(answered, episodes):
                     if episode.result.done:
                         del live[n], prompts[n]
@@ -195,8 +202,8 @@ class RolloutEngine:
         return _Live(result, env, limit)
 
     def _prompt(self, result: EpisodeResult) -> str:
-        return self.backend.render(conversation(result.request.task.env, result.instruction,
-                                                history_window(result.steps, self.history_steps)))
+        return agent_prompt(self.backend, result.request.task.env, result.instruction, result.steps,
+                            self.history_steps)
 
     @staticmethod
     def _act(episode: _Live, completion: Completion) -> None:

@@ -235,8 +235,7 @@ def _iteration(exp: Experiment, k: int, data_key: AssetKey, checkpoint_key: Asse
                              pipes: PipesSubprocessClient) -> MaterializeResult:
         db = store.store()
         _, init = _checkpoint(db, exp, k - 1)
-        return train_checkpoint(context, exp, db, k, db.head("trajectories", iteration_dataset(exp, k)), init,
-                                exp.train.epochs_of(k), pipes)
+        return train_checkpoint(context, exp, db, k, db.head("trajectories", iteration_dataset(exp, k)), init, pipes)
 
     @asset(key=_key(exp, k, "evaluation"), group_name=group, deps=[finetuned_checkpoint, *evaluation_data(exp)],
            pool="gpu", kinds={"python"}, code_version=code_version("sand.evaluation", "sand.rollout", "sand.react",

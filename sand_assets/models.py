@@ -100,12 +100,13 @@ def agent_backend(exp: Experiment, compute: ComputeResource, store: Store, check
 
 
 def train_checkpoint(context: AssetExecutionContext, exp: Experiment, store: Store, iteration: int,
-                     data: DatasetRef, init: str | None, epochs: float, pipes: PipesSubprocessClient) -> MaterializeResult:
+                     data: DatasetRef, init: str | None, pipes: PipesSubprocessClient) -> MaterializeResult:
     """Train (or find already trained) the checkpoint of `iteration` on `data`; record it."""
     from sand.models.registry import model_hash, resolve_model
 
     base = resolve_model(exp.base_model)
     base_hash = model_hash(base)
+    epochs = exp.train.epochs_of(iteration)
     train = exp.train.model_dump(exclude={"epochs", "iteration_epochs", "launcher"})
     identity = json.dumps({"base": base_hash, "data": data.version, "init": init, "epochs": epochs, "train": train,
                            "code": code_version("sand.training.sft", "sand.react", prompts=True)}, sort_keys=True)
@@ -199,7 +200,7 @@ def build_model_assets(exp: Experiment) -> list[AssetsDefinition]:
         d0 = training_subset(db.read("trajectories", EXPERT), exp.train_data)
         data = db.write("trajectories", f"{prefix}/d0", d0,
                         lineage_for(context, iteration=0, inputs=[db.head("trajectories", EXPERT)])).ref
-        return train_checkpoint(context, exp, db, 0, data, None, exp.train.epochs_of(0), pipes)
+        return train_checkpoint(context, exp, db, 0, data, None, pipes)
 
     eval_code = code_version("sand.evaluation", "sand.rollout", "sand.react", "sand.selection", prompts=True)
 

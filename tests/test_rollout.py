@@ -4,6 +4,7 @@ Two models: the seeded random tiny Llama (garbage replies: format errors), and `
 Llama trained in a second to answer every prompt with one fixed ReAct reply (valid and invalid actions).
 """
 import itertools
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -112,6 +113,8 @@ def test_one_call_per_tick_pool_reuse_and_continuous_admission(home, sci):
         # A freed env takes the next request; the newcomer resets during the next tick and joins the one after.
         assert backend.calls == [len(t.prompts) for t in ticks] == [2, 1, 2, 1, 1, 2, 2, 1]
         assert [r.request.key for r in results] == ["0", "1", "2", "4", "3"]  # in the order they ended
+        replies = Counter(r.key for t in ticks for r in t.requests)  # ticks name the episodes they answered
+        assert replies == {r.key: r.max_steps for r in requests}
         for result in results:
             n = result.request.max_steps
             assert len(result.steps) == len(result.replies) == result.format_errors == n  # garbage replies

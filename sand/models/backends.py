@@ -98,10 +98,11 @@ class _BatchStream(Stream):
         self._pending[key] = prompt
 
     def finished(self) -> list[tuple[Hashable, Completion]]:
+        if not self._pending:
+            return []
         keys, prompts = list(self._pending), list(self._pending.values())
         self._pending.clear()
-        return [(k, c) for k, [c] in zip(keys, self.backend.generate(prompts, self.params, self.adapter))] \
-            if prompts else []
+        return [(k, c) for k, [c] in zip(keys, self.backend.generate(prompts, self.params, self.adapter))]
 
 
 def _trim(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:

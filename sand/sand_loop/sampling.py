@@ -1,9 +1,8 @@
 """Self-consistency action sampling: which expert steps the agent is unsure about.
 
 At every step t of every expert trajectory the agent pi_k sees the expert prefix (the conversation up
-to the observation before step t, built by the same `conversation()` the trainer and the rollout
-engine use) and samples n replies. The parsed actions, normalised and de-duplicated together with
-the expert action, form the step's candidate set; a set of more than one action marks the step as
+to the observation before step t, as the rollout engine would prompt it: `sand.rollout.agent_prompt`)
+and samples n replies. The parsed actions, normalised and de-duplicated together with the expert action, form the step's candidate set; a set of more than one action marks the step as
 uncertain (to deliberate), a single one as confident (kept as is).
 """
 from __future__ import annotations
@@ -12,8 +11,8 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from sand.models.backends import Backend, SamplingParams
-from sand.react import conversation, parse_reply
-from sand.rollout import history_window
+from sand.react import parse_reply
+from sand.rollout import agent_prompt
 from sand.sand_loop.actions import normalize
 from sand.trajectory import Trajectory
 
@@ -52,12 +51,6 @@ def collect_candidates(trajectory_id: str, step: int, env: str, expert_action: s
                           len(candidates) > 1, list(samples))
 
 
-def step_prompt(backend: Backend, trajectory: Trajectory, step: int, history_steps: int | None = None) -> str:
-    """The agent's prompt before `step`: the expert prefix, windowed like the rollout engine's prompts."""
-    return backend.render(conversation(trajectory.env, trajectory.instruction,
-                                       history_window(trajectory.steps[:step], history_steps)))
-
-
 def sample_candidates(backend: Backend, trajectories: list[Trajectory], n: int = 5, temperature: float = 1.0,
                       adapter: str | None = None, history_steps: int | None = None, batch_size: int = 16,
                       max_new_tokens: int = 96, seed: int | None = None,
@@ -78,7 +71,7 @@ def sample_candidates(backend: Backend, trajectories: list[Trajectory], n: int =
     results = []
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start:start + batch_size]
-        prompts = [step_prompt(backend, t, i, history_steps) for t, i in chunk]
+        prompts = [agent_prompt(backend, t.env, t.instruction, t.steps[:i], history_steps) for t, i in chunk]
         for (t, i), completions in zip(chunk, backend.generate(prompts, params, adapter)):
             result = collect_candidates(t.id, i, t.env, t.steps[i].action, [c.text for c in completions])
             results.append(result)

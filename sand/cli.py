@@ -76,7 +76,9 @@ def cmd_report(args) -> None:
 def cmd_ui(args) -> None:
     workspace = Path(__file__).resolve().parent.parent / "workspace.yaml"
     target = ["-w", str(workspace)] if workspace.exists() else ["-m", "sand_assets.definitions"]
-    os.execvp("dagster", ["dagster", "dev", *target, "-p", str(args.port)])
+    # This interpreter's own Dagster: `sand ui` must work without an activated virtual environment
+    # (`dagster dev` starts its webserver and daemon from sys.executable too).
+    os.execv(sys.executable, [sys.executable, "-m", "dagster", "dev", *target, "-p", str(args.port)])
 
 
 def build_parser() -> argparse.ArgumentParser:

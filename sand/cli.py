@@ -22,8 +22,9 @@ def cmd_import(args) -> None:
     from sand.store import Lineage
 
     store = _store()
-    imported = datasets.import_eto(store, args.path, args.env, Lineage(asset="cli:import"))
-    expert = datasets.compose_expert(store, Lineage(asset="cli:import"))
+    with store.lock(datasets.EXPERT):  # import and recompose as one step: a concurrent import waits
+        imported = datasets.import_eto(store, args.path, args.env, Lineage(asset="cli:import"))
+        expert = datasets.compose_expert(store, Lineage(asset="cli:import"))
     print(f"imported {imported.row_count} {args.env} trajectories from {args.path} as "
           f"'{imported.ref.dataset}' (version {imported.ref.version}{'' if imported.created else ', unchanged'})")
     print(f"expert set: {expert.row_count} trajectories (version {expert.ref.version})")
@@ -70,7 +71,7 @@ def cmd_run(args) -> None:
 def cmd_report(args) -> None:
     from sand.report import format_report
 
-    print(format_report(_store(), args.experiment))
+    print(format_report(_store(), args.experiment, vs=args.vs))
 
 
 def cmd_ui(args) -> None:
@@ -107,8 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job", nargs="?", default="quickstart")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("report", help="an experiment's scoreboard: agents (base, sft, iter_k) x env/split")
+    p = sub.add_parser("report", help="an experiment's scoreboard with 95%% bootstrap intervals, and paired "
+                                      "comparisons of its agents (base, sft, iter_k) per env/split")
     p.add_argument("experiment", nargs="?", default="quickstart")
+    p.add_argument("--vs", action="append", metavar="AGENT",
+                   help="compare every agent with this one (repeatable; default: each with those before it)")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("ui", help="start the Dagster UI (dagster dev) on this project")

@@ -30,6 +30,18 @@ def alfworld_data() -> Path:
     return path
 
 
+def import_limits() -> tuple[int, int]:
+    """Largest importable file (bytes) and text field (characters): `SAND_IMPORT_MAX_MB` (default 100) and
+    `SAND_IMPORT_MAX_FIELD_CHARS` (default 100000; an observation or reply is a few thousand at most)."""
+    from sand.errors import SandError
+
+    try:
+        return (int(float(os.environ.get("SAND_IMPORT_MAX_MB", "100")) * 2**20),
+                int(os.environ.get("SAND_IMPORT_MAX_FIELD_CHARS", "100000")))
+    except ValueError as exc:
+        raise SandError(f"SAND_IMPORT_MAX_MB / SAND_IMPORT_MAX_FIELD_CHARS must be numbers: {exc}") from None
+
+
 DAGSTER_YAML = """\
 # Written by sand on first use. Runs and event logs persist here.
 telemetry:

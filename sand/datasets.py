@@ -1,6 +1,7 @@
 """Dataset operations shared by the CLI and the Dagster assets: import, compose, export."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import polars as pl
@@ -18,38 +19,73 @@ def import_dataset_name(path: str | Path) -> str:
 
 
 def import_eto(store: Store, path: str | Path, env: str, lineage: Lineage) -> WriteResult:
-    """Validate an ETO file and store it as source dataset `import/<file stem>`. All or nothing."""
+    """Validate an ETO file and store it as source dataset `import/<file stem>`. All or nothing: every
+    record, the size limits, the file's origin and its ids against every other source (so the expert
+    set can be composed) are checked before anything is stored."""
+    path = Path(path).resolve()
     trajectories = eto.load_eto(path, env)
-    lineage.metadata.setdefault("file", str(Path(path).resolve()))
-    return store.write("source_trajectories", import_dataset_name(path), to_frame(trajectories), lineage)
+    dataset = import_dataset_name(path)
+    lineage.metadata.setdefault("file", str(path))
+    with store.lock(EXPERT):
+        earlier = _imported_from(store, dataset)
+        if earlier is not None and earlier != str(path):
+            raise SandError(f"{path}: an import named '{dataset}' already came from {earlier}; rename the file "
+                            "to add it beside that one (importing it again from its own path replaces it)")
+        return _write_source(store, dataset, to_frame(trajectories), lineage)
+
+
+def _imported_from(store: Store, dataset: str) -> str | None:
+    """The file the current version of an imported dataset came from (None: not imported yet)."""
+    ref = store.head("source_trajectories", dataset)
+    if ref is None:
+        return None
+    rows = store.sql("select metadata from lineage where \"table\" = 'source_trajectories' and dataset = ? "
+                     "and data_version = ? order by created_at desc limit 1", [dataset, ref.version])
+    return json.loads(rows["metadata"][0]).get("file") if rows.height else None
 
 
 def write_source(store: Store, dataset: str, trajectories: list[Trajectory], lineage: Lineage) -> WriteResult:
     if not trajectories:
         raise SandError(f"source '{dataset}' produced no trajectories")
-    return store.write("source_trajectories", dataset, to_frame(trajectories), lineage)
+    with store.lock(EXPERT):
+        return _write_source(store, dataset, to_frame(trajectories), lineage)
+
+
+def _write_source(store: Store, dataset: str, rows: pl.DataFrame, lineage: Lineage) -> WriteResult:
+    """Store a source version once the expert set it would make composes (caller holds the lock)."""
+    _expert_frames(store, replacing=(dataset, rows))
+    return store.write("source_trajectories", dataset, rows, lineage)
+
+
+def _expert_frames(store: Store, replacing: tuple[str, pl.DataFrame] | None = None):
+    """The current source datasets (with `replacing` = (name, rows) in place of that source's head) and
+    their rows, checked for trajectory ids that two sources share."""
+    sources = [ref for ref in store.datasets("source_trajectories") if not replacing or ref.dataset != replacing[0]]
+    frames = [(ref.dataset, store.read(ref.table, ref.dataset, ref.version)) for ref in sources]
+    if replacing:
+        frames.append(replacing)
+    owner: dict[str, str] = {}
+    for dataset, df in frames:
+        for tid in df["id"]:
+            if owner.setdefault(tid, dataset) != dataset:
+                raise SandError(f"trajectory id {tid!r} is in both source datasets '{owner[tid]}' and "
+                                f"'{dataset}'; rename one")
+    return sources, [df for _, df in frames]
 
 
 def compose_expert(store: Store, lineage: Lineage) -> WriteResult:
     """D_0 = the current version of every source dataset, as one curated dataset.
 
     Trajectory ids must be unique across sources: a clash names both datasets instead of letting
-    one silently shadow the other.
+    one silently shadow the other (sources are checked before they are stored, so this holds). The
+    lock makes reading the sources and moving D_0's head one step: concurrent imports never lose rows.
     """
-    sources = store.datasets("source_trajectories")
-    if not sources:
-        raise SandError("no source trajectories yet: materialize a source or run `sand import`")
-    frames, owner = [], {}
-    for ref in sources:
-        df = store.read(ref.table, ref.dataset, ref.version)
-        for tid in df["id"]:
-            if tid in owner:
-                raise SandError(f"trajectory id {tid!r} is in both source datasets "
-                                f"'{owner[tid]}' and '{ref.dataset}'; rename one")
-            owner[tid] = ref.dataset
-        frames.append(df)
-    lineage.inputs = sources
-    return store.write("trajectories", EXPERT, pl.concat(frames, how="vertical"), lineage)
+    with store.lock(EXPERT):
+        sources, frames = _expert_frames(store)
+        if not sources:
+            raise SandError("no source trajectories yet: materialize a source or run `sand import`")
+        lineage.inputs = sources
+        return store.write("trajectories", EXPERT, pl.concat(frames, how="vertical"), lineage)
 
 
 def load_trajectories(store: Store, dataset: str = EXPERT, version: str | None = None,

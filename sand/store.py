@@ -6,21 +6,30 @@ Layout (all paths under SAND_HOME):
   heads/<table>/<dataset>.parquet                which version of a dataset is current (a pointer)
   lineage/<day>/<time>-<version>.parquet         one row per materialization
   run_failures/<day>/<run id>.parquet            one row per failed step of a failed Dagster run
-  catalog.duckdb                                 views over the globs above
+  locks/<name>.lock                              cross-process locks (fcntl) around read-modify-writes
+  catalog.duckdb                                 views over the globs above, for outside tools
 
-A version is the content hash of the rows, so writing the same rows twice is a no-op and a
-changed dataset gets a new file beside the old one. Files are written to a temporary name and
-renamed, so readers never see half a file and a failed write leaves what was stored untouched.
-Views read the Parquet globs, so the catalog never needs rewriting when files land and DuckDB's
-single-writer lock is held only for the moment views are (re)declared.
+A version is the content hash of the rows, so writing the same rows twice is a no-op (no new file,
+no lineage row) and a changed dataset gets a new file beside the old one. Files are written to a
+temporary name and renamed, so readers never see half a file and a failed write leaves what was
+stored untouched. Paths stored in rows (checkpoint folders, lineage) are relative to SAND_HOME, so a
+home can be moved or copied; `read` resolves them.
+
+Readers (`sql`, `connect`) never open catalog.duckdb: they declare the same views in an in-memory
+DuckDB whose file access is confined to SAND_HOME and locked, and run only SELECT statements. So a
+query cannot write, attach or read outside the home, and no reader ever waits on the catalog file's
+lock or on a damaged catalog. The catalog file is declared by writers only (`declare_catalog`, after
+every write), rebuilt from scratch when someone has replaced or broken it; it holds no data.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
-import time
+import threading
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,7 +40,7 @@ import polars as pl
 
 from sand.config import sand_home
 from sand.errors import SandError
-from sand.schemas import DATASET_REF, EVALUATION_SUMMARY_SQL, TABLES
+from sand.schemas import AGENT_COMPARISON_SQL, DATASET_REF, EVALUATION_SUMMARY_SQL, TABLES
 
 HEAD_SCHEMA = {"table": pl.Utf8, "dataset": pl.Utf8, "version": pl.Utf8, "updated_at": pl.Datetime("us", "UTC")}
 
@@ -115,6 +124,15 @@ def _folder(name: str) -> str:
     return quote(name, safe="")
 
 
+# Columns that hold paths, stored relative to SAND_HOME when they point inside it.
+PATH_COLUMNS = {"checkpoints": ("path",)}
+
+# Statements a reader may run: queries only (a COPY could still write inside SAND_HOME).
+_READ_STATEMENTS = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
+
+_held = threading.local()  # lock files this thread holds, so a holder may re-enter its own lock
+
+
 class Store:
     def __init__(self, home: Path | str | None = None):
         self.home = Path(home).resolve() if home else sand_home()
@@ -135,6 +153,39 @@ class Store:
     def catalog_path(self) -> Path:
         return self.home / "catalog.duckdb"
 
+    @contextmanager
+    def lock(self, name: str):
+        """Hold the exclusive lock `name` across processes and threads (re-entrant in one thread).
+
+        Any read-modify-write of a dataset (read the sources, recompose, move the head) holds it, so two
+        writers never both read the old state and the later one drops the other's rows."""
+        path = self.home / "locks" / f"{_folder(name)}.lock"
+        held = _held.__dict__.setdefault("paths", set())
+        if path in held:
+            yield
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            held.add(path)
+            try:
+                yield
+            finally:
+                held.discard(path)
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def relative(self, path: str | Path) -> str:
+        """`path` relative to SAND_HOME when it lies inside it, else unchanged (absolute)."""
+        path = Path(path)
+        try:
+            return str(path.resolve().relative_to(self.home))
+        except ValueError:
+            return str(path)
+
+    def resolve(self, path: str | Path) -> Path:
+        """A path as stored in the catalog, made absolute against this home."""
+        return self.home / path
+
     # --- writing -------------------------------------------------------------------------------
 
     def write(self, table: str, dataset: str, df: pl.DataFrame, lineage: Lineage) -> WriteResult:
@@ -146,9 +197,13 @@ class Store:
         if not dataset or dataset.startswith("_"):
             raise SandError(f"invalid dataset name {dataset!r}")
         rows = df.select([pl.col(c).cast(t) for c, t in schema.items()])
+        rows = rows.with_columns([pl.col(c).map_elements(self.relative, return_dtype=pl.Utf8)
+                                  for c in PATH_COLUMNS.get(table, ())])
         ref = DatasetRef(table, dataset, content_hash(rows))
         path = self.path(ref)
         created = not path.exists()
+        if not created and self.head(table, dataset) == ref:  # a rerun that changed nothing records nothing
+            return WriteResult(ref, path, self._resolved(table, rows), False)
         if created:
             atomic_write(rows.with_columns(dataset=pl.lit(dataset), version=pl.lit(ref.version)), path)
         now = datetime.now(timezone.utc)
@@ -156,13 +211,14 @@ class Store:
                                    schema=HEAD_SCHEMA),
                       self.home / "heads" / table / f"{_folder(dataset)}.parquet")
         self._record_lineage(ref, path, rows.height, lineage, now)
-        return WriteResult(ref, path, rows, created)
+        self.declare_catalog()
+        return WriteResult(ref, path, self._resolved(table, rows), created)
 
     def _record_lineage(self, ref: DatasetRef, path: Path, rows: int, lineage: Lineage, now: datetime) -> None:
         row = {
             "asset": lineage.asset, "table": ref.table, "dataset": ref.dataset, "iteration": lineage.iteration,
             "data_version": ref.version, "code_version": lineage.code_version, "run_id": lineage.run_id,
-            "inputs": [vars(i) for i in lineage.inputs], "row_count": rows, "path": str(path),
+            "inputs": [vars(i) for i in lineage.inputs], "row_count": rows, "path": self.relative(path),
             "metadata": json.dumps(lineage.metadata, sort_keys=True, default=str), "created_at": now,
         }
         stamp = now.strftime("%Y%m%dT%H%M%S%fZ")
@@ -207,7 +263,11 @@ class Store:
         path = self.path(DatasetRef(table, dataset, version))
         if not path.exists():
             raise SandError(f"dataset '{dataset}' has no version {version} in table '{table}' ({path})")
-        return pl.read_parquet(path).select(list(self._schema(table)))
+        return self._resolved(table, pl.read_parquet(path).select(list(self._schema(table))))
+
+    def _resolved(self, table: str, rows: pl.DataFrame) -> pl.DataFrame:
+        return rows.with_columns([pl.col(c).map_elements(lambda p: str(self.resolve(p)), return_dtype=pl.Utf8)
+                                  for c in PATH_COLUMNS.get(table, ())])
 
     def _schema(self, table: str) -> dict[str, pl.DataType]:
         if table not in TABLES:
@@ -239,30 +299,71 @@ class Store:
                           "from trajectories_current")
         views["evaluations"] = "select * from evaluations_current"
         views["evaluation_summary"] = EVALUATION_SUMMARY_SQL
+        views["agent_comparison"] = AGENT_COMPARISON_SQL
         for table in ("checkpoints", "candidates", "rollouts", "critiques", "deliberations"):
             views[table] = f"select * from {table}_current"
         return views
 
-    def connect(self, read_only: bool = False) -> duckdb.DuckDBPyConnection:
-        """Open the catalog with its views declared. Retries briefly if another process holds the lock."""
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                con = duckdb.connect(str(self.catalog_path), read_only=read_only and self.catalog_path.exists())
-                break
-            except duckdb.IOException as exc:
-                if "lock" not in str(exc).lower() or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
-        if not read_only:
-            for name, sql in self._view_sql().items():
-                con.execute(f"create or replace view {name} as {sql}")
+    def connect(self) -> duckdb.DuckDBPyConnection:
+        """A reader's connection: an in-memory database holding the catalog's views, able to read files
+        under SAND_HOME only (no writes elsewhere, no ATTACH, no extension installs; settings locked)."""
+        con = duckdb.connect(":memory:")
+        home = str(self.home).replace("'", "''")
+        con.execute(f"set allowed_directories = ['{home}/']")
+        con.execute("set enable_external_access = false")
+        con.execute("set autoinstall_known_extensions = false")
+        con.execute("set lock_configuration = true")
+        for name, sql in self._view_sql().items():
+            con.execute(f"create view {name} as {sql}")
         return con
 
     def sql(self, query: str, params: list | None = None) -> pl.DataFrame:
-        """Run `query` on the catalog; `params` fill its `?` placeholders."""
+        """Run a read-only `query` over the catalog's views; `params` fill its `?` placeholders."""
+        try:
+            kinds = {s.type for s in duckdb.extract_statements(query)}
+        except duckdb.Error as exc:
+            raise SandError(f"SQL error: {exc}") from None
+        if not kinds <= _READ_STATEMENTS:
+            refused = ", ".join(sorted(k.name for k in kinds - _READ_STATEMENTS))
+            raise SandError(f"the catalog is read-only: only queries (SELECT, EXPLAIN) run here, not {refused}")
         with self.connect() as con:
             try:
                 return con.sql(query, params=params).pl()
             except duckdb.Error as exc:
                 raise SandError(f"SQL error: {exc}") from None
+
+    def declare_catalog(self) -> bool:
+        """(Re)declare the views of catalog.duckdb for outside tools (the DuckDB CLI, notebooks).
+
+        The file holds nothing but views, so anything else found there (a view dropped or replaced by a
+        table, a file that is not a database) is thrown away and the catalog rebuilt. Returns False when
+        another process holds the file open: it keeps the views it has, which read the same globs."""
+        for attempt in range(2):
+            try:
+                with duckdb.connect(str(self.catalog_path)) as con:
+                    views = self._view_sql()
+                    found = dict(con.execute("select table_name, table_type from information_schema.tables "
+                                             "where table_schema = 'main'").fetchall())
+                    if any(kind != "VIEW" for kind in found.values()) or set(found) - set(views):
+                        raise _Damaged()
+                    for name, sql in views.items():
+                        con.execute(f"create or replace view {name} as {sql}")
+                return True
+            except duckdb.IOException as exc:
+                if "lock" in str(exc).lower():
+                    return False
+                if attempt:
+                    raise
+            except (_Damaged, duckdb.Error):
+                if attempt:
+                    raise
+            self._remove_catalog()
+        return True
+
+    def _remove_catalog(self) -> None:
+        for path in (self.catalog_path, self.catalog_path.with_name(self.catalog_path.name + ".wal")):
+            path.unlink(missing_ok=True)
+
+
+class _Damaged(Exception):
+    """catalog.duckdb holds something other than the catalog's views."""

@@ -7,10 +7,12 @@ Every record is validated before anything is returned, so a bad file yields noth
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
 
+from sand.config import import_limits
 from sand.errors import SandError, ValidationError
 from sand.react import conversation, parse_reply
 from sand.trajectory import ENVS, Step, Trajectory
@@ -35,7 +37,12 @@ def alfworld_task_type(task_text: str) -> str:
 
 def read_records(path: Path) -> list:
     """The raw records of a JSON array or JSONL file; errors name the file and line."""
+    max_bytes, _ = import_limits()
     try:
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise SandError(f"{path}: {size / 2**20:.1f} MB is over the import limit of {max_bytes / 2**20:g} MB "
+                            "(SAND_IMPORT_MAX_MB); split the file")
         text = path.read_text()
     except OSError as exc:
         raise SandError(f"{path}: cannot read: {exc.strerror}") from None
@@ -54,7 +61,8 @@ def read_records(path: Path) -> list:
     return records
 
 
-def _record_to_trajectory(rec, index: int, file: str, env: str, source: str, split: str) -> Trajectory:
+def _record_to_trajectory(rec, index: int, file: str, env: str, source: str, split: str,
+                          max_chars: int) -> Trajectory:
     label = rec.get("id", f"#{index}") if isinstance(rec, dict) else f"#{index}"
 
     def fail(field: str, problem: str):
@@ -70,6 +78,9 @@ def _record_to_trajectory(rec, index: int, file: str, env: str, source: str, spl
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
             fail(f"conversations[{i}].value", "missing or not a string")
+        if len(turn["value"]) > max_chars:
+            fail(f"conversations[{i}].value", f"{len(turn['value'])} characters, over the import limit of "
+                                              f"{max_chars} (SAND_IMPORT_MAX_FIELD_CHARS)")
         expected = "human" if i % 2 == 0 else "gpt"
         if turn.get("from") != expected:
             fail(f"conversations[{i}].from", f"expected '{expected}', got {turn.get('from')!r}")
@@ -105,7 +116,9 @@ def load_eto(path: str | Path, env: str, source: str = "eto", split: str = "trai
     records = read_records(path)
     if not isinstance(records, list) or not records:
         raise SandError(f"{path}: no records (expected a JSON array or JSON lines of conversations)")
-    trajectories = [_record_to_trajectory(rec, i, str(path), env, source, split) for i, rec in enumerate(records)]
+    _, max_chars = import_limits()
+    trajectories = [_record_to_trajectory(rec, i, str(path), env, source, split, max_chars)
+                    for i, rec in enumerate(records)]
     seen: set[str] = set()
     for t in trajectories:
         if t.id in seen:
@@ -114,20 +127,26 @@ def load_eto(path: str | Path, env: str, source: str = "eto", split: str = "trai
     return trajectories
 
 
-def to_record(t: Trajectory) -> dict:
+def to_record(t: Trajectory, strip: bool = False) -> dict:
+    """An ETO record; with `strip`, only `id` and `conversations`, as ETO publishes its data."""
     roles = {"user": "human", "assistant": "gpt"}
+    turns = [{"from": roles[m["role"]], "value": m["content"]} for m in conversation(t.env, t.instruction, t.steps)]
+    if strip:
+        return {"id": t.id, "conversations": turns}
     return {
         "id": t.id, "env": t.env, "task": t.task, "task_id": t.task_id, "split": t.split, "source": t.source,
-        "reward": t.reward,
-        "conversations": [{"from": roles[m["role"]], "value": m["content"]}
-                          for m in conversation(t.env, t.instruction, t.steps)],
+        "reward": t.reward, "conversations": turns,
     }
 
 
-def write_eto(trajectories: list[Trajectory], path: str | Path) -> Path:
-    """Write trajectories as ETO records: JSONL if the name ends in .jsonl, else a JSON array."""
+def write_eto(trajectories: list[Trajectory], path: str | Path, strip: bool = False) -> Path:
+    """Write trajectories as ETO records: JSONL if the name ends in .jsonl, else a JSON array. `strip` leaves
+    out everything the platform adds: the fields other than the conversation, and ids (which name the task
+    of trajectories recorded here) become `<env>_<n>` in file order."""
     path = Path(path)
-    records = [to_record(t) for t in trajectories]
+    if strip:
+        trajectories = [dataclasses.replace(t, id=f"{t.env}_{i}") for i, t in enumerate(trajectories)]
+    records = [to_record(t, strip) for t in trajectories]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     with tmp.open("w") as f:

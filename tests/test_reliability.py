@@ -14,6 +14,7 @@ import polars as pl
 import pytest
 
 from sand import datasets
+from sand.cli import main
 from sand.errors import SandError
 from sand.store import Lineage, Store
 from sand.worklog import WorkLog
@@ -41,10 +42,22 @@ def sand(*args, env=None, **kwargs):
                             stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})}, **kwargs)
 
 
-def run_sand(*args, env=None, timeout=60):
-    proc = sand(*args, env=env)
-    out, err = proc.communicate(timeout=timeout)
-    return proc.returncode, out, err
+@pytest.fixture
+def run_sand(capsys, monkeypatch):
+    """`sand ...` in this process: (exit code, stdout, stderr)."""
+    def run(*args, env=None):
+        with monkeypatch.context() as patch:
+            for name, value in (env or {}).items():
+                patch.setenv(name, value)
+            capsys.readouterr()
+            try:
+                main(list(args))
+                code = 0
+            except SystemExit as exc:
+                code = exc.code
+        out, err = capsys.readouterr()
+        return code, out, err
+    return run
 
 
 def expert_ids(home):
@@ -53,7 +66,7 @@ def expert_ids(home):
 
 # --- imports: all or nothing ------------------------------------------------------------------------
 
-def test_rejected_import_stores_nothing_and_later_imports_work(sand_home, tmp_path):
+def test_rejected_import_stores_nothing_and_later_imports_work(sand_home, tmp_path, run_sand):
     assert run_sand("import", str(eto_file(tmp_path / "a.json", ["x", "y"])), "--env", "alfworld")[0] == 0
     code, _, err = run_sand("import", str(eto_file(tmp_path / "b.json", ["z", "x"])), "--env", "alfworld")
     assert code == 2 and "'x'" in err and "import/a" in err and "Traceback" not in err
@@ -64,7 +77,7 @@ def test_rejected_import_stores_nothing_and_later_imports_work(sand_home, tmp_pa
     assert expert_ids(sand_home) == ["w", "x", "y"]
 
 
-def test_same_file_name_from_another_folder_is_refused(sand_home, tmp_path):
+def test_same_file_name_from_another_folder_is_refused(sand_home, tmp_path, run_sand):
     first = eto_file(tmp_path / "one" / "demo.json", ["a"])
     assert run_sand("import", str(first), "--env", "alfworld")[0] == 0
     code, _, err = run_sand("import", str(eto_file(tmp_path / "two" / "demo.json", ["b"])), "--env", "alfworld")
@@ -75,7 +88,7 @@ def test_same_file_name_from_another_folder_is_refused(sand_home, tmp_path):
     assert expert_ids(sand_home) == ["a", "c"]
 
 
-def test_import_size_limits(sand_home, tmp_path):
+def test_import_size_limits(sand_home, tmp_path, run_sand):
     big = eto_file(tmp_path / "big.json", ["a"], value_size=3000)
     code, _, err = run_sand("import", str(big), "--env", "alfworld", env={"SAND_IMPORT_MAX_MB": "0.002"})
     assert code == 2 and "SAND_IMPORT_MAX_MB" in err
@@ -98,12 +111,12 @@ def test_a_source_that_clashes_is_not_stored(sand_home):
 # --- one writer at a time --------------------------------------------------------------------------
 
 def test_concurrent_imports_keep_every_row(sand_home, tmp_path):
-    files = [eto_file(tmp_path / f"f{i}.json", [f"t{i}_{j}" for j in range(3)]) for i in range(4)]
+    files = [eto_file(tmp_path / f"f{i}.json", [f"t{i}_{j}" for j in range(3)]) for i in range(3)]
     procs = [sand("import", str(f), "--env", "alfworld") for f in files]
     for proc in procs:
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, err
-    assert expert_ids(sand_home) == sorted(f"t{i}_{j}" for i in range(4) for j in range(3))
+    assert expert_ids(sand_home) == sorted(f"t{i}_{j}" for i in range(3) for j in range(3))
 
 
 APPENDER = textwrap.dedent("""
@@ -121,11 +134,11 @@ APPENDER = textwrap.dedent("""
 
 
 def test_worklog_parts_from_two_processes_are_all_kept(tmp_path):
-    procs = [subprocess.Popen([sys.executable, "-c", APPENDER, str(tmp_path / "log"), who, "150", "one"], cwd=REPO)
+    procs = [subprocess.Popen([sys.executable, "-c", APPENDER, str(tmp_path / "log"), who, "100", "one"], cwd=REPO)
              for who in "ab"]
     assert [p.wait(timeout=120) for p in procs] == [0, 0]
     keys = WorkLog(tmp_path / "log").frame()["key"]
-    assert keys.len() == 300 and keys.n_unique() == 300
+    assert keys.len() == 200 and keys.n_unique() == 200
 
 
 def test_tables_committed_together_survive_a_kill(tmp_path):
@@ -147,7 +160,7 @@ def test_tables_committed_together_survive_a_kill(tmp_path):
 # --- the catalog -----------------------------------------------------------------------------------
 
 @pytest.fixture
-def imported(sand_home, tmp_path):
+def imported(sand_home, tmp_path, run_sand):
     assert run_sand("import", str(eto_file(tmp_path / "a.json", ["x", "y"])), "--env", "alfworld")[0] == 0
     return sand_home
 
@@ -161,7 +174,7 @@ def imported(sand_home, tmp_path):
     "select * from read_text('/etc/passwd')",
     "select 1; set enable_external_access = true",
 ])
-def test_sql_is_read_only(imported, tmp_path, query):
+def test_sql_is_read_only(imported, tmp_path, run_sand, query):
     before = sorted(p.relative_to(imported) for p in imported.rglob("*") if "catalog" not in p.name)
     code, _, err = run_sand("sql", query.format(out=tmp_path / "out.csv", home=imported))
     assert code == 2 and "Traceback" not in err and err.startswith("error:")
@@ -171,7 +184,7 @@ def test_sql_is_read_only(imported, tmp_path, query):
     assert code == 0 and out.split() == ["n", "2"]
 
 
-def test_damaged_catalog_is_rebuilt_and_never_blocks_readers(imported, tmp_path):
+def test_damaged_catalog_is_rebuilt_and_never_blocks_readers(imported, tmp_path, run_sand):
     with duckdb.connect(str(imported / "catalog.duckdb")) as con:
         con.execute("drop view evaluations; create table evaluations as select 1 as x; drop view trajectories")
     assert run_sand("sql", "select count(*) from trajectories")[0] == 0  # readers never use the file
@@ -197,7 +210,7 @@ def test_damaged_catalog_is_rebuilt_and_never_blocks_readers(imported, tmp_path)
         assert con.execute("select count(*) from trajectories").fetchone() == (4,)
 
 
-def test_catalog_that_is_not_a_database_is_rebuilt(imported, tmp_path):
+def test_catalog_that_is_not_a_database_is_rebuilt(imported, tmp_path, run_sand):
     (imported / "catalog.duckdb").write_bytes(b"garbage" * 100)
     assert run_sand("import", str(eto_file(tmp_path / "b.json", ["z"])), "--env", "alfworld")[0] == 0
     with duckdb.connect(str(imported / "catalog.duckdb"), read_only=True) as con:
@@ -206,7 +219,7 @@ def test_catalog_that_is_not_a_database_is_rebuilt(imported, tmp_path):
 
 # --- what a rerun and a moved home see --------------------------------------------------------------
 
-def test_noop_rerun_adds_no_lineage(sand_home, tmp_path):
+def test_noop_rerun_adds_no_lineage(sand_home, tmp_path, run_sand):
     path = eto_file(tmp_path / "a.json", ["x"])
     for _ in range(2):
         assert run_sand("import", str(path), "--env", "alfworld")[0] == 0

@@ -1,4 +1,5 @@
-"""Sensors that retrain and report: a new base model version rebuilds its experiment; failed runs are recorded."""
+"""Sensors that retrain and report: a new base model version rebuilds its experiment, a new version of the expert
+data retrains the experiments that opt in; failed runs are recorded."""
 import json
 from datetime import datetime, timezone
 from pathlib import Path
@@ -11,6 +12,7 @@ from dagster import (
     DefaultSensorStatus,
     RunFailureSensorContext,
     RunRequest,
+    RunsFilter,
     SensorDefinition,
     SensorEvaluationContext,
     SkipReason,
@@ -18,12 +20,19 @@ from dagster import (
     sensor,
 )
 
+from dagster._core.storage.dagster_run import NOT_FINISHED_STATUSES
+
 from resources import StoreResource
+from sand.datasets import EXPERT
 from sand.experiment import Experiment
 from sand.models.registry import model_hash, resolve_model
+from sand.store import Store
+from sand_assets.expert_data import expert_trajectories, expert_trajectories_schema
 from sand_assets.models import base_model_key
 
 DATA_VERSION_TAG = "dagster/data_version"
+# What a retraining run says about why it started (run tags, shown on the run's page in the UI).
+REASON_TAG, DATA_TAG, NEW_TAG = "sand/retrain_reason", "sand/expert_data_version", "sand/new_trajectories"
 
 
 def weights_fingerprint(path: Path) -> str:
@@ -67,6 +76,78 @@ def base_model_sensor(exp: Experiment) -> SensorDefinition:
         return RunRequest(run_key=f"{version}@{last.storage_id}",
                           asset_selection=sorted(affected.resolve(context.repository_def.asset_graph)),
                           tags={"sand/base_model_version": version})
+
+    return _sensor
+
+
+def new_trajectories(store: Store, trained: str, current: str) -> int:
+    """Trajectories of D_0 version `current` that version `trained` lacks (new, or changed in content)."""
+    def rows(version):
+        return {json.dumps(r, sort_keys=True, default=str)
+                for r in store.read("trajectories", EXPERT, version).iter_rows(named=True)}
+    return len(rows(current) - rows(trained))
+
+
+def new_data_sensor(exp: Experiment) -> SensorDefinition:
+    """Retrains `exp` (SFT, the iterations, the evaluations: everything of it downstream of D_0) when D_0
+    (`expert_trajectories`) has a version with at least `retrain.min_new_trajectories` trajectories that the
+    version it last trained on lacks. Experiments without `retrain.on_new_data` get no sensor.
+
+    The state lives in the instance, not in a cursor: the version the experiment trained on is the input data
+    version recorded on its last materialization that read D_0. So a D_0 version that lands while a run of
+    the experiment's job is queued or running asks for nothing (that run's SFT reads the newest D_0 when it
+    starts; if it started before, the next tick after it sees the version it missed): several drops before a
+    run starts give one run. A version whose blocking checks failed, or have not finished, asks for nothing.
+    An experiment never trained is left alone, as the base model sensor does: building it is `sand run`'s.
+    """
+    d0 = expert_trajectories.key
+    blocking = [spec.key for spec in expert_trajectories_schema.check_specs if spec.blocking]
+    chain = AssetSelection.assets(d0).downstream() & AssetSelection.groups(exp.name)
+    readers = AssetSelection.assets(d0).downstream(depth=1) & AssetSelection.groups(exp.name)
+    input_tag = f"dagster/input_data_version/{d0.to_user_string()}"
+
+    @sensor(name=f"{exp.name}_new_data_sensor", job_name=exp.name, minimum_interval_seconds=30,
+            default_status=DefaultSensorStatus.RUNNING,
+            description=f"Retrains {exp.name} when the expert data D_0 has at least "
+                        f"{exp.retrain.min_new_trajectories} new trajectories.")
+    def _sensor(context: SensorEvaluationContext, store: StoreResource):
+        instance = context.instance
+        latest = instance.fetch_materializations(d0, limit=1).records
+        if not latest:
+            return SkipReason("expert_trajectories was never materialized")
+        version = latest[0].asset_materialization.tags[DATA_VERSION_TAG]
+        checks = instance.event_log_storage.get_latest_asset_check_execution_by_key(blocking)
+        for key in blocking:
+            record = checks.get(key)
+            evaluation = record.event.asset_check_evaluation if record and record.event else None
+            if evaluation is None or evaluation.target_materialization_data is None \
+                    or evaluation.target_materialization_data.storage_id != latest[0].storage_id:
+                return SkipReason(f"D_0 {version}: check {key.name} has not evaluated this version yet")
+            if not evaluation.passed:
+                return SkipReason(f"D_0 {version}: blocking check {key.name} failed; not retraining on it")
+        graph = context.repository_def.asset_graph
+        trained = [r.asset_materialization.tags.get(input_tag) for key in readers.resolve(graph)
+                   for r in instance.fetch_materializations(key, limit=1).records]
+        if not trained:
+            return SkipReason(f"{exp.name} was never trained: `sand run {exp.name}` builds it first")
+        if version in trained:
+            return SkipReason(f"{exp.name} is trained on D_0 {version}")
+        running = instance.get_run_records(RunsFilter(job_name=exp.name, statuses=NOT_FINISHED_STATUSES), limit=1)
+        if running:
+            return SkipReason(f"run {running[0].dagster_run.run_id} of {exp.name} has not finished; "
+                              "the next tick looks again")
+        pair = [trained[0], version]
+        seen = json.loads(context.cursor) if context.cursor else {}
+        new = seen["new"] if seen.get("pair") == pair else new_trajectories(store.store(), *pair)
+        context.update_cursor(json.dumps({"pair": pair, "new": new}))
+        if new < exp.retrain.min_new_trajectories:
+            return SkipReason(f"D_0 {version}: {new} new trajectories since {trained[0]}, "
+                              f"fewer than {exp.retrain.min_new_trajectories}")
+        context.log.info(f"D_0 {trained[0]} -> {version} ({new} new trajectories): retraining {exp.name}")
+        return RunRequest(run_key=f"{version}@{latest[0].storage_id}",
+                          asset_selection=sorted(chain.resolve(graph)),
+                          tags={REASON_TAG: f"new expert data: {new} new trajectories in D_0",
+                                DATA_TAG: version, NEW_TAG: str(new)})
 
     return _sensor
 

@@ -63,6 +63,7 @@ class EnvEval(_Strict):
     task_names: list[str] = Field(default_factory=list)  # ScienceWorld: restrict to these tasks
     variations_per_task: int | None = None  # ScienceWorld: first N variations of each task
     max_steps: int | None = None  # cap below the task's own limit (CPU budgets)
+    max_invalid_streak: int | None = 10  # end an episode after this many consecutive invalid actions (None: never)
 
 
 class EvalConfig(_Strict):
@@ -81,8 +82,12 @@ class SandConfig(_Strict):
     temperature: float = 1.0
     seed: int | None = 0  # of candidate sampling and rollouts (same inputs, same samples); None: unseeded
     rollout_max_steps: int | None = 15
-    critic_max_new_tokens: int = 128  # the base model's critique of one candidate
-    writer_max_new_tokens: int = 192  # the base model's deliberation thought of one step
+    # The frozen critic and writer of deliberations: anything the model registry resolves (a folder, a hub name)
+    # with its own backend settings; None: the agent's base model on the experiment's backend, as the paper.
+    critic_model: str | None = None
+    critic_backend: BackendConfig | None = None
+    critic_max_new_tokens: int = 48  # the critic's insight on one candidate (its verdict is chosen, not written)
+    writer_max_new_tokens: int = 192  # the writer's deliberation thought of one step
     self_consistency: bool = True  # ablation: False = the base model invents the alternatives
     critique: bool = True  # ablation: False = no rollouts, no critiques
     expert_switch: bool = False
@@ -90,6 +95,11 @@ class SandConfig(_Strict):
     # all of D_0, as the paper. D_k carries the others unchanged, so every iteration trains on all the data.
     # CPU budgets: the critique stage grows with this, training does not.
     trajectories: dict[str, int | None] | None = None
+
+
+class RetrainConfig(_Strict):
+    on_new_data: bool = False  # retrain (SFT, the iterations, the evaluations) when D_0 gets a new version
+    min_new_trajectories: int = Field(1, ge=1)  # ... with at least this many trajectories the trained one lacks
 
 
 class Experiment(_Strict):
@@ -102,6 +112,7 @@ class Experiment(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluation: EvalConfig = Field(default_factory=EvalConfig)
     sand: SandConfig = Field(default_factory=SandConfig)
+    retrain: RetrainConfig = Field(default_factory=RetrainConfig)
     resources: dict[str, dict] = Field(default_factory=dict,
                                        description="settings of the shared resources in this experiment's job, "
                                                    "e.g. {alfworld: {train_games: 240}}")

@@ -3,7 +3,7 @@ from dagster import Definitions, PipesSubprocessClient, load_asset_checks_from_m
 
 from jobs.expert_data import automation_sensor, eto_inbox_sensor, expert_data_job, import_job
 from jobs.experiments import experiment_job
-from jobs.retraining import base_model_sensor, run_failure_report
+from jobs.retraining import base_model_sensor, new_data_sensor, run_failure_report
 from resources import AlfWorldResource, ComputeResource, SciWorldResource, StoreResource
 from sand.experiment import load_experiments
 from sand_assets import expert_data
@@ -17,7 +17,8 @@ defs = Definitions(
             *(a for e in experiments for a in [*build_model_assets(e), *build_loop_assets(e)])],
     asset_checks=load_asset_checks_from_modules([expert_data]),
     jobs=[expert_data_job, import_job, *(experiment_job(e) for e in experiments)],
-    sensors=[eto_inbox_sensor, automation_sensor, *(base_model_sensor(e) for e in experiments), run_failure_report],
+    sensors=[eto_inbox_sensor, automation_sensor, *(base_model_sensor(e) for e in experiments),
+             *(new_data_sensor(e) for e in experiments if e.retrain.on_new_data), run_failure_report],
     resources={"store": StoreResource(), "sciworld": SciWorldResource(), "alfworld": AlfWorldResource(),
                "compute": ComputeResource(), "pipes": PipesSubprocessClient()},
 )

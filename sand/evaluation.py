@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, fields
 import polars as pl
 
 from sand.envs.base import Environment, TaskSpec
-from sand.models.backends import Backend, SamplingParams, _adapter_key
+from sand.models.backends import Backend, SamplingParams, adapter_key
 from sand.rollout import EpisodeRequest, EpisodeResult, RolloutEngine
 from sand.worklog import WorkLog
 
@@ -79,7 +79,7 @@ def adapter_identity(adapter: str | None) -> str:
     """"base", or the adapter folder and its weights' mtime (a retrained adapter is evaluated again)."""
     if adapter is None:
         return "base"
-    folder, mtime = _adapter_key(adapter)
+    folder, mtime = adapter_key(adapter)
     return f"{folder}@{mtime}"
 
 

@@ -60,6 +60,8 @@ class EpisodeRecord:
     steps: int
     format_errors: int
     invalid_actions: int
+    max_invalid_streak: int | None  # the setting this episode ran under (None: no cut-off)
+    invalid_cutoff: bool  # ended by max_invalid_streak consecutive invalid actions
     deliberation_steps: int  # agent steps whose thought is_deliberation()
     prompt_tokens: int
     completion_tokens: int
@@ -70,7 +72,8 @@ def record_of(result: EpisodeResult) -> EpisodeRecord:
     return EpisodeRecord(
         env=task.env, split=task.split, task=task.task, task_id=task.task_id, reward=result.reward,
         success=result.reward >= 1.0, steps=len(result.steps), format_errors=result.format_errors,
-        invalid_actions=result.invalid_actions,
+        invalid_actions=result.invalid_actions, max_invalid_streak=result.request.max_invalid_streak,
+        invalid_cutoff=result.invalid_cutoff,
         deliberation_steps=sum(is_deliberation(s.thought) for s in result.agent_steps),
         prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens)
 
@@ -93,19 +96,22 @@ def _recorded(log: WorkLog | None, identity: str) -> dict[tuple[str, str], Episo
 
 def evaluate(backend: Backend, make_env: Callable[[], Environment], tasks: list[TaskSpec],
              adapter: str | None = None, pool_size: int = 8, history_steps: int | None = None,
-             max_steps: int | None = None, max_new_tokens: int = 128,
+             max_steps: int | None = None, max_new_tokens: int = 128, max_invalid_streak: int | None = 10,
              log: WorkLog | None = None) -> list[EpisodeRecord]:
     """One greedy episode per task (in `tasks` order; duplicates run once); see the module doc for
-    resuming. `max_steps` caps episodes below the task's own limit (None: the task's limit)."""
+    resuming. `max_steps` caps episodes below the task's own limit (None: the task's limit); an episode
+    ends after `max_invalid_streak` consecutive invalid actions (None: never)."""
     identity = adapter_identity(adapter)
     done = _recorded(log, identity)
     todo = list({(t.env, t.task_id): t for t in tasks if (t.env, t.task_id) not in done}.values())
     if todo:
         params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens)
         with RolloutEngine(backend, make_env, pool_size, params, history_steps) as engine:
-            for result in engine.run([EpisodeRequest(t, max_steps=max_steps) for t in todo], adapter):
+            requests = [EpisodeRequest(t, max_steps=max_steps, max_invalid_streak=max_invalid_streak) for t in todo]
+            for result in engine.run(requests, adapter):
                 record = record_of(result)
                 done[record.env, record.task_id] = record
                 if log is not None:
-                    log.append(pl.DataFrame([{"adapter": identity, **asdict(record)}]))
+                    log.append(pl.DataFrame([{"adapter": identity, **asdict(record)}],  # parts concatenate
+                                            schema_overrides={"max_invalid_streak": pl.Int64}))
     return [done[t.env, t.task_id] for t in tasks]

@@ -37,6 +37,9 @@ class EpisodeRequest:
     max_steps: int | None = None  # cap on all steps, prefix and forced action included (None: the task's limit)
     max_agent_steps: int | None = None  # cap on the steps the agent takes after the forced ones
     first_thought: str = ""  # the candidate's thought, shown in the history with first_action
+    # End the episode after this many consecutive agent actions the environment rejects (MPO's ScienceWorld
+    # harness: 10; format errors neither count nor break the run). None: no such rule.
+    max_invalid_streak: int | None = None
 
 
 @dataclass
@@ -49,6 +52,8 @@ class EpisodeResult:
     done: bool = False
     format_errors: int = 0  # agent replies without an action: each cost a step, the env did not move
     invalid_actions: int = 0  # agent actions the environment did not understand or could not apply
+    invalid_streak: int = 0  # consecutive invalid agent actions up to now
+    invalid_cutoff: bool = False  # the episode ended by request.max_invalid_streak
     prompt_tokens: int = 0
     completion_tokens: int = 0
 
@@ -218,9 +223,13 @@ class RolloutEngine:
         else:
             step = episode.env.step(reply.action)
             result.invalid_actions += not step.valid
+            result.invalid_streak = 0 if step.valid else result.invalid_streak + 1
             result.steps.append(Step(reply.thought, reply.action, step.observation))
             result.reward, result.done = step.score, step.done
         result.done = result.done or len(result.steps) >= episode.limit
+        cap = result.request.max_invalid_streak
+        if not result.done and cap is not None and result.invalid_streak >= cap:
+            result.done = result.invalid_cutoff = True
 
     def close(self) -> None:
         self._threads.shutdown()

@@ -39,9 +39,25 @@ EVALUATION_SCHEMA: dict[str, pl.DataType] = {
     "steps": pl.Int32,
     "format_errors": pl.Int32,
     "invalid_actions": pl.Int32,
+    "max_invalid_streak": pl.Int32,  # the setting: this many consecutive invalid actions end an episode (null: off)
+    "invalid_cutoff": pl.Boolean,  # the episode ended by that rule
     "deliberation_steps": pl.Int32,
     "prompt_tokens": pl.Int64,
     "completion_tokens": pl.Int64,
+}
+
+# Uncertainty of the scores (sand.report.record_uncertainty, after each evaluation): bootstrap intervals of an
+# agent's mean reward per env/split, and paired comparisons with every other agent of its experiment. Each
+# row names the `evaluations` versions it was computed from; the views show only rows of current versions.
+_BOOTSTRAP = {"level": pl.Float64, "n_boot": pl.Int32, "seed": pl.Int64}
+INTERVAL_SCHEMA: dict[str, pl.DataType] = {
+    "experiment": pl.Utf8, "agent": pl.Utf8, "evaluation": pl.Utf8, "env": pl.Utf8, "split": pl.Utf8,
+    "episodes": pl.Int64, "mean": pl.Float64, "ci_lo": pl.Float64, "ci_hi": pl.Float64, **_BOOTSTRAP,
+}
+COMPARISON_SCHEMA: dict[str, pl.DataType] = {
+    "experiment": pl.Utf8, "agent": pl.Utf8, "evaluation": pl.Utf8, "baseline": pl.Utf8,
+    "baseline_evaluation": pl.Utf8, "env": pl.Utf8, "split": pl.Utf8, "n": pl.Int64, "mean_diff": pl.Float64,
+    "lo": pl.Float64, "hi": pl.Float64, "won": pl.Int64, "lost": pl.Int64, "tied": pl.Int64, **_BOOTSTRAP,
 }
 
 # The SAND loop (sand.sand_loop.tables converts its dataclasses to and from these).
@@ -73,23 +89,45 @@ TABLES: dict[str, dict[str, pl.DataType]] = {
     "trajectories": TRAJECTORY_SCHEMA,
     "checkpoints": CHECKPOINT_SCHEMA,
     "evaluations": EVALUATION_SCHEMA,
+    "evaluation_intervals": INTERVAL_SCHEMA,
+    "agent_comparisons": COMPARISON_SCHEMA,
     "candidates": CANDIDATES_SCHEMA,
     "rollouts": ROLLOUTS_SCHEMA,
     "critiques": CRITIQUES_SCHEMA,
     "deliberations": DELIBERATIONS_SCHEMA,
 }
 
-# Per-split metrics as the paper defines them, over the current evaluation datasets.
+# Per-split metrics as the paper defines them, over the current evaluation datasets, with the 95% bootstrap
+# interval of avg_reward (null where no interval was recorded for that version of the episodes).
 EVALUATION_SUMMARY_SQL = """
-select experiment, agent, iteration, checkpoint, env, split, count(*) as episodes,
-       round(100 * avg(reward), 1) as avg_reward,
-       round(100 * avg(success::int), 1) as success_rate,
-       round(avg(reward / greatest(steps, 1)), 4) as per_step_reward,
-       round(sum(deliberation_steps) / greatest(sum(steps), 1), 3) as deliberation_rate,
-       round(avg(prompt_tokens + completion_tokens)) as tokens_per_task,
-       round(sum(format_errors) / greatest(sum(steps), 1), 3) as format_error_rate,
-       round(sum(invalid_actions) / greatest(sum(steps), 1), 3) as invalid_action_rate
-from evaluations
-group by all
-order by experiment, env, split, iteration nulls first, agent
+with s as (
+  select experiment, agent, iteration, checkpoint, env, split, version, count(*) as episodes,
+         round(100 * avg(reward), 1) as avg_reward,
+         round(100 * avg(success::int), 1) as success_rate,
+         round(avg(reward / greatest(steps, 1)), 4) as per_step_reward,
+         round(sum(deliberation_steps) / greatest(sum(steps), 1), 3) as deliberation_rate,
+         round(avg(prompt_tokens + completion_tokens)) as tokens_per_task,
+         round(sum(format_errors) / greatest(sum(steps), 1), 3) as format_error_rate,
+         round(sum(invalid_actions) / greatest(sum(steps), 1), 3) as invalid_action_rate
+  from evaluations
+  group by all
+)
+select s.* exclude (version), round(100 * i.ci_lo, 1) as ci_lo, round(100 * i.ci_hi, 1) as ci_hi
+from s left join evaluation_intervals_current i
+  on i.experiment = s.experiment and i.agent = s.agent and i.env = s.env and i.split = s.split
+  and i.evaluation = s.version
+order by s.experiment, s.env, s.split, s.iteration nulls first, s.agent
+"""
+
+# Each agent against each other agent of its experiment on the tasks both were evaluated on (x100): the
+# mean difference agent - baseline with its 95% bootstrap interval, tasks won / lost / tied. Only pairs whose
+# two evaluations are both current (either agent's evaluation asset records the pair).
+AGENT_COMPARISON_SQL = """
+with cur as (select distinct experiment, agent, version from evaluations)
+select distinct c.experiment, c.agent, c.baseline, c.env, c.split, c.n, round(100 * c.mean_diff, 1) as mean_diff,
+       round(100 * c.lo, 1) as lo, round(100 * c.hi, 1) as hi, c.won, c.lost, c.tied
+from agent_comparisons_all c
+join cur a on a.experiment = c.experiment and a.agent = c.agent and a.version = c.evaluation
+join cur b on b.experiment = c.experiment and b.agent = c.baseline and b.version = c.baseline_evaluation
+order by c.experiment, c.baseline, c.agent, c.env, c.split
 """

@@ -80,3 +80,17 @@ def test_deliberating_agent(home, sci_tasks):
 ])
 def test_is_deliberation(thought, expected):
     assert is_deliberation(thought) is expected
+
+
+def test_consecutive_invalid_actions_end_the_episode(home, sci_tasks):
+    # An agent that always answers with an action ScienceWorld's parser rejects.
+    with TransformersBackend(scripted_model(home / "invalid", "Thought: hmm.\n  Action : fly away"),
+                             dtype="float32") as backend:
+        cut = evaluate(backend, sciworld, sci_tasks[:2], pool_size=2, max_steps=8, max_new_tokens=16,
+                       max_invalid_streak=3)
+        uncut = evaluate(backend, sciworld, sci_tasks[:1], pool_size=1, max_steps=5, max_new_tokens=16,
+                         max_invalid_streak=None)
+    for r in cut:
+        assert (r.steps, r.invalid_actions, r.format_errors, r.invalid_cutoff, r.max_invalid_streak) == (3, 3, 0, True, 3)
+    assert (uncut[0].steps, uncut[0].invalid_actions, uncut[0].invalid_cutoff, uncut[0].max_invalid_streak) == \
+        (5, 5, False, None)

@@ -9,12 +9,14 @@ from sand.experiment import load_experiments
 from sand_assets import expert_data
 from sand_assets.loop import build_loop_assets
 from sand_assets.models import build_model_assets
+from sand_assets.scoreboard import build_scoreboard_asset
 
 experiments = load_experiments()
 
 defs = Definitions(
     assets=[*load_assets_from_modules([expert_data]),
-            *(a for e in experiments for a in [*build_model_assets(e), *build_loop_assets(e)])],
+            *(a for e in experiments
+              for a in [*build_model_assets(e), *build_loop_assets(e), build_scoreboard_asset(e)])],
     asset_checks=load_asset_checks_from_modules([expert_data]),
     jobs=[expert_data_job, import_job, *(experiment_job(e) for e in experiments)],
     sensors=[eto_inbox_sensor, automation_sensor, *(base_model_sensor(e) for e in experiments),

@@ -10,20 +10,27 @@ call per round. Finished episodes free their environment for a waiting one; the 
 and replay run while the next round generates, and it joins the round after. Environments are
 pooled: a pool of N holds at most N engines (JVMs) alive, reused across episodes and runs. The engine
 never asks an environment for its admissible actions (ScienceWorld computes them at ~50 ms a call).
+
+An environment whose engine dies or stops answering (`EnvironmentFault`: a killed or stalled JVM) is
+thrown away and its episode started again from the beginning on a fresh one, up to `max_attempts`
+times; then the run fails naming the task. An episode is yielded once, from its attempt that ended.
 """
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 
-from sand.envs.base import Environment, TaskSpec
+from sand.envs.base import Environment, EnvironmentFault, TaskSpec
 from sand.errors import SandError
 from sand.models.backends import Backend, Completion, SamplingParams
 from sand.react import conversation, parse_reply
 from sand.trajectory import Step, Trajectory
+
+log = logging.getLogger(__name__)
 
 FORMAT_ERROR = "Invalid format: reply with 'Thought: ...' and then 'Action: <one action>'."
 
@@ -103,24 +110,28 @@ class _Live:
     result: EpisodeResult
     env: Environment
     limit: int  # the episode ends once it has this many steps
+    attempt: int = 1  # 1 + how often its environment failed and it was started again
+    fault: EnvironmentFault | None = None  # the environment failed during the last step
 
 
 class RolloutEngine:
     """Runs episodes with `backend` on a pool of at most `pool_size` environments made by `make_env`.
 
     `params.n` is ignored (one reply per episode and turn). `history_steps` bounds the steps a prompt
-    shows (`history_window`; None: all). One `run` at a time per engine.
+    shows (`history_window`; None: all). `max_attempts` bounds the starts of one episode when its
+    environment fails (see the module doc). One `run` at a time per engine.
     """
 
     def __init__(self, backend: Backend, make_env: Callable[[], Environment], pool_size: int = 8,
                  params: SamplingParams = SamplingParams(), history_steps: int | None = None,
-                 on_tick: Callable[[Tick], None] | None = None):
+                 on_tick: Callable[[Tick], None] | None = None, max_attempts: int = 3):
         if pool_size < 1:
             raise SandError(f"pool_size must be at least 1, got {pool_size}")
         self.backend, self.make_env, self.pool_size = backend, make_env, pool_size
         self.params = replace(params, n=1)
         self.history_steps = history_steps
         self.on_tick = on_tick
+        self.max_attempts = max_attempts
         self._envs: list[Environment] = []  # every environment made, closed by close()
         self._idle: list[Environment] = []  # those not running an episode
         self._threads = ThreadPoolExecutor(max_workers=pool_size, thread_name_prefix="env")
@@ -159,7 +170,7 @@ class RolloutEngine:
                 starting = []
                 while len(live) + len(starting) < self.pool_size and (request := next(waiting, None)) is not None:
                     env = self._idle.pop() if self._idle else None
-                    starting.append(self._threads.submit(self._start, request, env))
+                    starting.append(self._threads.submit(self._start_retrying, request, env))
                 if not live:
                     if not starting:
                         return
@@ -169,12 +180,17 @@ class RolloutEngine:
                 generated = time.perf_counter()
                 episodes = [live[n] for n, _ in answered]
                 completions = [c for _, c in answered]
-                list(self._threads.map(self._act, episodes, completions))
+                list(self._threads.map(self._act_guarded, episodes, completions))
                 if self.on_tick is not None:
                     self.on_tick(Tick([e.result.request for e in episodes], [prompts[n] for n, _ in answered],
                                       completions, generated - start, time.perf_counter() - generated))
                 for (n, _), episode in zip(answered, episodes):
-                    if episode.result.done:
+                    if episode.fault is not None:  # start it again on a fresh environment
+                        del live[n], prompts[n]
+                        attempt = self._discard(episode.env, episode.result.request, episode.attempt, episode.fault)
+                        starting.append(self._threads.submit(self._start_retrying, episode.result.request,
+                                                             None, attempt))
+                    elif episode.result.done:
                         del live[n], prompts[n]
                         self._idle.append(episode.env)
                         yield episode.result
@@ -186,10 +202,29 @@ class RolloutEngine:
             self._idle = list(self._envs)
             self._running = False
 
-    def _start(self, request: EpisodeRequest, env: Environment | None) -> _Live:
-        if env is None:
-            env = self.make_env()
-            self._envs.append(env)
+    def _start_retrying(self, request: EpisodeRequest, env: Environment | None, attempt: int = 1) -> _Live:
+        while True:
+            if env is None:
+                env = self.make_env()
+                self._envs.append(env)
+            try:
+                return replace(self._start(request, env), attempt=attempt)
+            except EnvironmentFault as fault:
+                attempt, env = self._discard(env, request, attempt, fault), None
+
+    def _discard(self, env: Environment, request: EpisodeRequest, attempt: int, fault: EnvironmentFault) -> int:
+        """Throw away a failed environment; return the episode's next attempt, or raise once none is left."""
+        env.abort()
+        self._envs.remove(env)
+        task = request.task
+        if attempt >= self.max_attempts:
+            raise EnvironmentFault(f"{task.env} task {task.task_id!r}{' #' + request.key if request.key else ''}: "
+                                   f"the environment failed on all {attempt} attempts; last: {fault}") from fault
+        log.warning("%s task %r: %s; starting the episode again on a fresh environment (attempt %d of %d)",
+                    task.env, task.task_id, fault, attempt + 1, self.max_attempts)
+        return attempt + 1
+
+    def _start(self, request: EpisodeRequest, env: Environment) -> _Live:
         result = EpisodeResult(request, env.reset(request.task))
         forced = [(s.thought, s.action) for s in request.prefix]
         if request.first_action is not None:
@@ -209,6 +244,13 @@ class RolloutEngine:
     def _prompt(self, result: EpisodeResult) -> str:
         return agent_prompt(self.backend, result.request.task.env, result.instruction, result.steps,
                             self.history_steps)
+
+    @classmethod
+    def _act_guarded(cls, episode: _Live, completion: Completion) -> None:
+        try:
+            cls._act(episode, completion)
+        except EnvironmentFault as fault:
+            episode.fault = fault
 
     @staticmethod
     def _act(episode: _Live, completion: Completion) -> None:

@@ -10,6 +10,13 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
+from sand.errors import SandError
+
+
+class EnvironmentFault(SandError):
+    """The engine behind an environment died or stopped answering: the environment is unusable (throw it
+    away with `abort()`), though the same task on a fresh one may well work."""
+
 
 @dataclass(frozen=True)
 class TaskSpec:
@@ -78,6 +85,10 @@ class Environment(ABC):
 
     @abstractmethod
     def close(self) -> None: ...
+
+    def abort(self) -> None:
+        """Close an environment whose engine failed, without waiting on it."""
+        self.close()
 
     def __enter__(self):
         return self

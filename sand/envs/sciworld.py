@@ -8,6 +8,11 @@ tasks (209 steps): upstream `step` median 28 ms / mean 37 ms; our `step` (server
 with identical observations and scores. The valid-action list costs ~50 ms, so
 `admissible_actions()` computes it only when asked. JVM start ~1 s; `reset` 20-45 ms; generating
 a gold path 0.1-0.7 s (cached per task id).
+
+Every call to the JVM has a deadline (`call_timeout_s`): a watchdog kills a JVM that does not answer in
+time, which ends the call waiting on it. A JVM that died (killed, out of memory) or stopped answering
+(stopped, hung) is killed and the call raises
+`EnvironmentFault` naming the task, so the rollout engine starts the episode again on a fresh JVM.
 """
 from __future__ import annotations
 
@@ -15,13 +20,16 @@ import functools
 import json
 import math
 import subprocess
+import threading
 import weakref
 from pathlib import Path
 
+from py4j.java_collections import JavaArray, JavaList
 from py4j.java_gateway import GatewayParameters, JavaGateway, launch_gateway
+from py4j.protocol import Py4JError, Py4JJavaError
 from scienceworld.constants import BASEPATH, JAR_PATH
 
-from sand.envs.base import Environment, StepResult, TaskSpec
+from sand.envs.base import Environment, EnvironmentFault, StepResult, TaskSpec
 from sand.errors import SandError
 
 LIMITS_PATH = Path(__file__).with_name("sciworld_limits.json")
@@ -31,12 +39,19 @@ LIMITS_PATH = Path(__file__).with_name("sciworld_limits.json")
 # The prompt itself counts as understood: the agent answers it with a number.
 _NOT_UNDERSTOOD = ("No known action matches that input.", "Unknown action.")
 
+# A fresh JVM's first task load compiles and loads most of the simulator: seconds, many more on a busy
+# machine. Until a load has succeeded, calls get this much time at least.
+STARTUP_TIMEOUT_S = 120.0
+
 # Variation splits per task name: fixed by the jar, the same for every JVM, so shared.
 _SPLIT_CACHE: dict[str, dict[str, list[int]]] = {}
 
 
 def _shutdown_jvm(gateway: JavaGateway, proc: subprocess.Popen) -> None:
-    gateway.shutdown()
+    try:
+        gateway.shutdown()
+    except Py4JError:  # the JVM is gone already
+        pass
     if proc.poll() is None:
         # die_on_exit makes the JVM exit when its stdin sees a line (or EOF).
         proc.stdin.write(b"\n")
@@ -55,6 +70,33 @@ def _load_limits() -> dict[str, int]:
     return json.loads(LIMITS_PATH.read_text())["limits"]
 
 
+class _Guarded:
+    """The JVM's server object: every call (and the list it returns, read in full) under the env's watch."""
+
+    def __init__(self, server, env: ScienceWorldEnv):
+        self._server, self._env = server, env
+
+    def __getattr__(self, name: str):
+        def call(*args):
+            timeout = self._env.call_timeout_s
+            if timeout and not self._env._warm:
+                timeout = max(timeout, STARTUP_TIMEOUT_S)
+            watchdog = threading.Timer(timeout, self._env._stalled) if timeout else None
+            if watchdog:
+                watchdog.start()
+            try:
+                result = getattr(self._server, name)(*args)
+                return list(result) if isinstance(result, (JavaList, JavaArray)) else result
+            except Py4JJavaError:  # the simulator's own exception: the JVM is fine
+                raise
+            except Py4JError as exc:
+                raise self._env._fault(name, exc) from None
+            finally:
+                if watchdog:
+                    watchdog.cancel()
+        return call
+
+
 class ScienceWorldEnv(Environment):
     """One JVM per object; one episode at a time. Task ids are "task_name:variation"."""
 
@@ -62,7 +104,8 @@ class ScienceWorldEnv(Environment):
     SPLITS = ("train", "dev", "test")
 
     def __init__(self, simplifications: str = "easy", jvm_heap_mb: int | None = 300,
-                 task_names: list[str] | None = None, variations_per_task: int | None = None):
+                 task_names: list[str] | None = None, variations_per_task: int | None = None,
+                 call_timeout_s: float | None = 60.0):
         if variations_per_task is not None and variations_per_task < 1:
             raise SandError(f"variations_per_task must be at least 1, got {variations_per_task}")
         self.simplifications = simplifications
@@ -85,9 +128,14 @@ class ScienceWorldEnv(Environment):
                                         return_proc=True)
         except FileNotFoundError as e:
             raise SandError("ScienceWorld needs Java 11+: no `java` on PATH") from e
-        gateway = JavaGateway(gateway_parameters=GatewayParameters(port=port, auto_field=True), java_process=proc)
+        # No memory management: we hold one server object, and its finalizers would call a JVM we killed.
+        gateway = JavaGateway(gateway_parameters=GatewayParameters(port=port, auto_field=True,
+                                                                   enable_memory_management=False),
+                              java_process=proc)
+        self._proc, self.call_timeout_s, self._timed_out, self._warm = proc, call_timeout_s, False, False
         self._close_jvm = weakref.finalize(self, _shutdown_jvm, gateway, proc)
-        self._server = gateway.jvm.scienceworld.runtime.pythonapi.PythonInterface()
+        self._task_id: str | None = None  # what the JVM was last asked to load, for error messages
+        self._server = _Guarded(gateway.jvm.scienceworld.runtime.pythonapi.PythonInterface(), self)
         all_names = list(self._server.getTaskNames())
         # The server would silently ignore an unknown simplification.
         all_simplifications = ["easy", *self._server.getPossibleSimplifications().split(", ")]
@@ -109,8 +157,9 @@ class ScienceWorldEnv(Environment):
         if name not in self.task_names or not variation.isdigit():
             raise SandError(f"unknown ScienceWorld task id {task_id!r}: expected 'task_name:variation' "
                             f"with task_name one of {', '.join(self.task_names)}")
-        self._task = None
+        self._task, self._task_id = None, task_id
         error = self._server.load(name, int(variation), self.simplifications, gold_path)
+        self._warm = True
         if error:
             raise SandError(f"ScienceWorld cannot load {task_id!r} with simplifications "
                             f"{self.simplifications!r}: {error}")
@@ -186,6 +235,28 @@ class ScienceWorldEnv(Environment):
 
     def close(self) -> None:
         self._close_jvm()
+
+    def abort(self) -> None:
+        """Kill the JVM (a stopped one too) and drop the connections, without asking the JVM anything."""
+        found = self._close_jvm.detach()
+        if found:
+            _, _, (gateway, proc), _ = found
+            proc.kill()
+            proc.wait()
+            gateway.close()
+
+    def _stalled(self) -> None:
+        self._timed_out = True
+        self._proc.kill()
+
+    def _fault(self, call: str, exc: Exception) -> EnvironmentFault:
+        """Kill the JVM after a failed call; the error names the task and what happened."""
+        code = self._proc.poll()
+        self.abort()
+        what = ("did not answer in time" if self._timed_out else
+                f"died (exit status {code})" if code is not None else f"dropped its connection ({exc})")
+        return EnvironmentFault(f"ScienceWorld JVM (pid {self._proc.pid}) {what} in {call}"
+                                f"{f' on task {self._task_id!r}' if self._task_id else ''}")
 
 
 def build_step_limits(samples_per_split: int = 3, path: Path = LIMITS_PATH) -> dict[str, int]:

@@ -12,12 +12,15 @@ class SciWorldResource(ConfigurableResource):
 
     simplifications: str = Field("easy", description="ScienceWorld simplifications; the paper's data uses 'easy'")
     jvm_heap_mb: int = Field(300, description="JVM heap cap per environment")
+    call_timeout_s: float = Field(60.0, description="seconds any call to a JVM may take before the JVM counts as "
+                                                   "stalled and is replaced (its episode starts again)")
 
     def open(self, task_names: list[str] | None = None, variations_per_task: int | None = None):
         from sand.envs.sciworld import ScienceWorldEnv
 
         return ScienceWorldEnv(simplifications=self.simplifications, jvm_heap_mb=self.jvm_heap_mb,
-                               task_names=task_names or None, variations_per_task=variations_per_task)
+                               task_names=task_names or None, variations_per_task=variations_per_task,
+                               call_timeout_s=self.call_timeout_s)
 
 
 class AlfWorldResource(ConfigurableResource):

@@ -24,7 +24,7 @@ from textworld.envs.pddl import PddlEnv
 
 from sand import config
 from sand.envs.alfworld_expert import ObserverExpert
-from sand.envs.base import Environment, StepResult, TaskSpec
+from sand.envs.base import Environment, EnvironmentFault, StepResult, TaskSpec
 from sand.errors import SandError
 
 
@@ -207,6 +207,7 @@ class AlfWorldEnv(Environment):
         self._engine = Engine()
         self._expert_engines: dict[str, Engine] = {}  # separate engines keep the live episode intact
         self._state: textworld.GameState | None = None
+        self._folder: Path | None = None  # the running game
         self._steps = 0
         self._won = False
 
@@ -237,7 +238,7 @@ class AlfWorldEnv(Environment):
         return folder
 
     def reset(self, task: TaskSpec) -> str:
-        folder = self.game_dir(task)
+        folder = self._folder = self.game_dir(task)
         self._state = self._engine.reset(folder, str(folder))
         self._steps, self._won = 0, bool(self._state["won"])
         return clean_intro(self._state.feedback)
@@ -245,7 +246,11 @@ class AlfWorldEnv(Environment):
     def step(self, action: str) -> StepResult:
         if self._state is None:
             raise SandError("ALFWorld: call reset(task) before step()")
-        self._state = self._engine.step(action)
+        try:
+            self._state = self._engine.step(action)
+        except Exception as error:  # the engine's own failure, not the agent's: a fresh engine may do better
+            raise EnvironmentFault(f"ALFWorld engine failed on {action!r} in game {self._folder}: {error!r}") \
+                from error
         self._steps += 1
         self._won = self._won or bool(self._state["won"])
         done = self._won or self._steps >= self._max_steps

@@ -25,7 +25,7 @@ from dagster._core.storage.dagster_run import NOT_FINISHED_STATUSES
 from resources import StoreResource
 from sand.datasets import EXPERT
 from sand.experiment import Experiment
-from sand.models.registry import model_hash, resolve_model
+from sand.models.registry import model_files, model_hash, resolve_model
 from sand.store import Store
 from sand_assets.expert_data import expert_trajectories, expert_trajectories_schema
 from sand_assets.models import base_model_key
@@ -36,8 +36,9 @@ REASON_TAG, DATA_TAG, NEW_TAG = "sand/retrain_reason", "sand/expert_data_version
 
 
 def weights_fingerprint(path: Path) -> str:
-    """Folder, names, sizes and mtimes of the weight files: a few stat calls, changed whenever the weights can be."""
-    files = sorted(path.glob("*.safetensors"))
+    """Folder, names, sizes and mtimes of the files `model_hash` reads: a few stat calls, changed whenever the model
+    (weights, tokenizer, chat template) can be."""
+    files = model_files(path)
     return json.dumps([str(path), *([f.name, s.st_size, s.st_mtime_ns] for f in files for s in [f.stat()])])
 
 

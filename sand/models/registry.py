@@ -198,13 +198,21 @@ def tiny_model(path: str | Path | None = None) -> Path:
     return _build_atomically(target, build)
 
 
+def model_files(folder: Path) -> list[Path]:
+    """What identifies a model folder: every file at its top level (weights, config, generation config,
+    tokenizer files, chat template) and its additional chat templates; hidden files (caches) excluded."""
+    files = [*folder.glob("*"), *folder.glob("additional_chat_templates/*")]
+    return sorted(f for f in files if f.is_file() and not f.name.startswith("."))
+
+
 def model_hash(path: str | Path) -> str:
-    """sha256 over the folder's safetensors files (names and bytes), cached in `.sand_hash.json` by size+mtime."""
+    """sha256 over the model folder's files (`model_files`: names and bytes), so that a changed tokenizer or chat
+    template is a different model, not just changed weights; cached in `.sand_hash.json` by size+mtime."""
     folder = Path(path)
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
+    if not any(folder.glob("*.safetensors")):
         raise SandError(f"no *.safetensors weights in {folder}")
-    key = [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    files = model_files(folder)
+    key = [[f.relative_to(folder).as_posix(), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
     cache = folder / ".sand_hash.json"
     try:
         cached = json.loads(cache.read_text())
@@ -213,8 +221,8 @@ def model_hash(path: str | Path) -> str:
     except (OSError, ValueError, KeyError):
         pass
     digest = hashlib.sha256()
-    for f in files:
-        digest.update(f.name.encode() + b"\0")
+    for f, (name, _, _) in zip(files, key, strict=True):
+        digest.update(name.encode() + b"\0")
         with f.open("rb") as handle:
             while chunk := handle.read(1 << 22):
                 digest.update(chunk)

@@ -80,7 +80,7 @@ class SciWorldExpertConfig(Config):
 
 
 @asset(group_name=GROUP, kinds={"python", "parquet"},
-       code_version=code_version("sand.envs.sciworld", "sand.experts", "sand.store"))
+       code_version=code_version("sand.envs.sciworld", "sand.experts", "sand.datasets"))
 def sciworld_source_trajectories(context: AssetExecutionContext, config: SciWorldExpertConfig,
                                  sciworld: SciWorldResource, store: StoreResource) -> MaterializeResult:
     """ScienceWorld demonstrations: the environment's gold action paths, executed in the real JVM."""
@@ -123,7 +123,7 @@ def alfworld_heldout_games(context: AssetExecutionContext, alfworld: AlfWorldRes
 
 
 @asset(group_name=GROUP, deps=[alfworld_training_games], kinds={"python", "parquet"},
-       code_version=code_version("sand.envs.alfworld", "sand.envs.alfworld_expert", "sand.experts", "sand.store"))
+       code_version=code_version("sand.envs.alfworld", "sand.envs.alfworld_expert", "sand.experts", "sand.datasets"))
 def alfworld_source_trajectories(context: AssetExecutionContext, alfworld: AlfWorldResource,
                                  store: StoreResource) -> MaterializeResult:
     """ALFWorld demonstrations on the generated training games, by the configured expert."""

@@ -7,6 +7,7 @@ from itertools import chain, zip_longest
 import polars as pl
 
 from sand.envs.base import TaskSpec
+from sand.trajectory import Trajectory
 
 
 def _stable_key(text: str) -> str:
@@ -31,3 +32,9 @@ def spread_tasks(tasks: list[TaskSpec], limit: int | None) -> list[TaskSpec]:
         by_type.setdefault(task.task, []).append(task)
     interleaved = [t for t in chain.from_iterable(zip_longest(*by_type.values())) if t is not None]
     return interleaved[:limit] if limit is not None else interleaved
+
+
+def replayable(trajectory: Trajectory) -> bool:
+    """Whether the environments here can replay `trajectory` (imported data names games this machine may
+    not have): only such trajectories are deliberated over."""
+    return trajectory.source in {"gold", "observer", "planner", "sand"}

@@ -3,20 +3,24 @@ ScienceWorld variation, with tiny models. The agent pi_k is the tiny model train
 seconds on the expert steps, so that its samples are actions (varied ones: it is far from converged);
 the writer pi_base is the untrained tiny model, whose replies never pass validation (fallback path)."""
 from dataclasses import replace
+from types import SimpleNamespace
 
+import polars as pl
 import pytest
 import torch
 
 from sand.envs.alfworld import AlfWorldEnv
 from sand.envs.alfworld_gen import generate_games
 from sand.envs.sciworld import ScienceWorldEnv
+from sand import stages
 from sand.evaluation import is_deliberation
+from sand.experiment import EvalConfig, Experiment, SandConfig
 from sand.experts import record_expert
 from sand.models.backends import SamplingParams, TransformersBackend
 from sand.models.registry import tiny_model
 from sand.react import assistant_turn, conversation
 from sand.rollout import RolloutEngine
-from sand.sand_loop import DELIBERATION_PREFIX, run_iteration
+from sand.sand_loop import DELIBERATION_PREFIX
 from sand.sand_loop.actions import mentions, normalize
 from sand.sand_loop.critique import (
     VERDICTS,
@@ -44,6 +48,9 @@ from sand.sand_loop.tables import (
     rollouts_frame,
     rollouts_from_frame,
 )
+from sand.schemas import CHECKPOINT_SCHEMA
+from sand.store import Lineage, Store
+from sand.trajectory import from_frame, to_frame
 
 torch.set_num_threads(1)
 
@@ -283,35 +290,62 @@ def test_expert_switch_adopts_a_better_candidate_and_its_rollout(writer, alf):
     assert switched.steps[2].thought == "done"
 
 
-def test_ablation_without_critique_runs_no_rollouts(agent, writer, alf, alf_dir):
+def run_stages(folder, trajectories, agent_folder, make_env=None, pool_size=4, **sand) -> SimpleNamespace:
+    """Sampling, critique and synthesis of iteration 1 through the engine's stages, on a store in `folder`
+    whose D_0 is `trajectories` and whose pi_0 is the agent's folder; what they stored, as objects."""
+    exp = Experiment(name="t", base_model=str(tiny_model()), evaluation=EvalConfig(pool_size=pool_size),
+                     sand=SandConfig(**sand))
+    store = Store(folder)
+    store.write("trajectories", "t/d0", to_frame(trajectories), Lineage(asset="test"))
+    store.write("checkpoints", "t/sft", pl.DataFrame([{
+        "experiment": "t", "asset": "test", "iteration": 0, "path": str(agent_folder), "lora": False,
+        "base_model": str(tiny_model()), "train_data": [], "loss_curve": []}], schema=CHECKPOINT_SCHEMA),
+        Lineage(asset="test"))
+
+    def backends(model, _settings):  # the agent's folder, or the untrained tiny model as critic and writer
+        return TransformersBackend(model or tiny_model(), batch_size=32)
+
+    def lineage_of(table):
+        return Lineage(asset=f"t/iter_1/{table}")
+
+    stages.sample(exp, store, 1, backends, lineage_of, code="test")
+    stages.critique(exp, store, 1, backends, stages.Envs(lambda env: make_env), lineage_of, code="test")
+    stages.synthesize(exp, store, 1, backends, lineage_of)
+    return SimpleNamespace(candidates=candidates_from_frame(store.read("candidates", "t/iter_1")),
+                           rollouts=rollouts_from_frame(store.read("rollouts", "t/iter_1")),
+                           critiques=critiques_from_frame(store.read("critiques", "t/iter_1")),
+                           deliberations=deliberations_from_frame(store.read("deliberations", "t/iter_1")),
+                           dataset=from_frame(store.read("trajectories", "t/iter_1")))
+
+
+def test_ablation_without_critique_runs_no_rollouts(agent, home, alf, alf_dir, tmp_path):
     envs = []
 
     def make_env():
         envs.append(AlfWorldEnv(train_games_dir=alf_dir))
         return envs[-1]
 
-    result = run_iteration(agent, writer, make_env, alf[:1], n_samples=3, critique=False)
+    result = run_stages(tmp_path, alf[:1], home / "agent", make_env, n_samples=3, critique=False)
     assert envs == [] and result.rollouts == [] and result.critiques == []
     uncertain = [(c.trajectory_id, c.step) for c in result.candidates if c.uncertain]
-    assert [(d.trajectory_id, d.step) for d in result.synthesis.deliberations] == uncertain
-    assert all(d.mode == "no_critique" and d.thought.startswith(DELIBERATION_PREFIX)
-               for d in result.synthesis.deliberations)
+    assert [(d.trajectory_id, d.step) for d in result.deliberations] == uncertain
+    assert all(d.mode == "no_critique" and d.thought.startswith(DELIBERATION_PREFIX) for d in result.deliberations)
 
 
-def test_ablation_without_sampling_deliberates_every_step(agent, writer, alf):
-    result = run_iteration(agent, writer, None, alf, self_consistency=False)
+def test_ablation_without_sampling_deliberates_every_step(agent, home, alf, tmp_path):
+    result = run_stages(tmp_path, alf, home / "agent", self_consistency=False)
     assert result.candidates == [] and result.rollouts == [] and result.critiques == []
     steps = [(t.id, i) for t in alf for i in range(len(t.steps))]
-    assert [(d.trajectory_id, d.step) for d in result.synthesis.deliberations] == steps
+    assert [(d.trajectory_id, d.step) for d in result.deliberations] == steps
     assert all(d.mode == "no_sampling" and d.thought.startswith(DELIBERATION_PREFIX) and d.thought.endswith(
-        f'"{normalize(d.answer, "alfworld")}".') for d in result.synthesis.deliberations)
-    assert all(s.thought.startswith(DELIBERATION_PREFIX) for t in result.synthesis.dataset for s in t.steps)
+        f'"{normalize(d.answer, "alfworld")}".') for d in result.deliberations)
+    assert all(s.thought.startswith(DELIBERATION_PREFIX) for t in result.dataset for s in t.steps)
 
 
-def test_full_iteration_on_sciworld_and_tables_round_trip(agent, writer, sci):
+def test_full_iteration_on_sciworld_and_tables_round_trip(agent, home, sci, tmp_path):
     t = replace(sci[0], steps=sci[0].steps[:5])  # an expert prefix is a shorter trajectory: fewer rollouts
-    result = run_iteration(agent, writer, lambda: ScienceWorldEnv(task_names=["find-plant"]), [t],
-                           n_samples=2, rollout_max_steps=1, pool_size=2)
+    result = run_stages(tmp_path, [t], home / "agent", lambda: ScienceWorldEnv(task_names=["find-plant"]),
+                        pool_size=2, n_samples=2, rollout_max_steps=1)
     uncertain = [c for c in result.candidates if c.uncertain]
     assert uncertain and len(result.rollouts) == len(result.critiques) == sum(len(c.candidates) for c in uncertain)
     assert all(1 <= len(r.actions) <= 2 for r in result.rollouts)
@@ -321,14 +355,14 @@ def test_full_iteration_on_sciworld_and_tables_round_trip(agent, writer, sci):
         for r in result.rollouts[:3]:
             prefix = [s.action for s in t.steps[:r.prefix_len]]
             assert r.observations[0] == env.replay(task, prefix + [r.executed]).observation
-    assert len(result.synthesis.deliberations) == len(uncertain)
-    [dk] = result.synthesis.dataset
+    assert len(result.deliberations) == len(uncertain)
+    [dk] = result.dataset
     assert sum(s.thought.startswith(DELIBERATION_PREFIX) for s in dk.steps) == len(uncertain)
 
     frames = [(candidates_frame, candidates_from_frame, result.candidates),
               (rollouts_frame, rollouts_from_frame, result.rollouts),
               (critiques_frame, critiques_from_frame, result.critiques),
-              (deliberations_frame, deliberations_from_frame, result.synthesis.deliberations)]
+              (deliberations_frame, deliberations_from_frame, result.deliberations)]
     for to_frame, from_frame, items in frames:
         df = to_frame(items)
         assert df.height == len(items) and from_frame(df) == items

@@ -1,10 +1,10 @@
-"""`sand`: import, export and query trajectory datasets; run jobs; open the Dagster UI."""
+"""`sand`: import, export and query trajectory datasets, report on experiments. The installed `sand` command
+(jobs.cli) adds the commands that need the Dagster definitions (`run`, `ui`) through `extend`."""
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from pathlib import Path
+from collections.abc import Callable
 
 from sand.config import apply_defaults
 from sand.errors import SandError
@@ -51,38 +51,14 @@ def cmd_sql(args) -> None:
             print(df)
 
 
-def cmd_run(args) -> None:
-    from dagster import DagsterInstance
-
-    from sand.report import format_report
-    from sand_assets.definitions import defs, experiments
-
-    job = defs.resolve_job_def(args.job)
-    with DagsterInstance.get() as instance:
-        result = job.execute_in_process(instance=instance, raise_on_error=False)
-    print(f"run {result.run_id}: {'succeeded' if result.success else 'FAILED'} (job {args.job}; "
-          f"DAGSTER_HOME={os.environ['DAGSTER_HOME']})")
-    if args.job in {e.name for e in experiments}:
-        print(format_report(_store(), args.job))
-    if not result.success:
-        raise SystemExit(1)
-
-
 def cmd_report(args) -> None:
     from sand.report import format_report
 
     print(format_report(_store(), args.experiment, vs=args.vs))
 
 
-def cmd_ui(args) -> None:
-    workspace = Path(__file__).resolve().parent.parent / "workspace.yaml"
-    target = ["-w", str(workspace)] if workspace.exists() else ["-m", "sand_assets.definitions"]
-    # This interpreter's own Dagster: `sand ui` must work without an activated virtual environment
-    # (`dagster dev` starts its webserver and daemon from sys.executable too).
-    os.execv(sys.executable, [sys.executable, "-m", "dagster", "dev", *target, "-p", str(args.port)])
-
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(extend: Callable | None = None) -> argparse.ArgumentParser:
+    """The engine's commands; `extend(subparsers)` adds more."""
     parser = argparse.ArgumentParser(prog="sand", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -104,25 +80,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-rows", type=int, default=50)
     p.set_defaults(func=cmd_sql)
 
-    p = sub.add_parser("run", help="run a Dagster job in this process, recorded in DAGSTER_HOME")
-    p.add_argument("job", nargs="?", default="quickstart")
-    p.set_defaults(func=cmd_run)
-
     p = sub.add_parser("report", help="an experiment's scoreboard with 95%% bootstrap intervals, and paired "
                                       "comparisons of its agents (base, sft, iter_k) per env/split")
     p.add_argument("experiment", nargs="?", default="quickstart")
     p.add_argument("--vs", action="append", metavar="AGENT",
                    help="compare every agent with this one (repeatable; default: each with those before it)")
     p.set_defaults(func=cmd_report)
-
-    p = sub.add_parser("ui", help="start the Dagster UI (dagster dev) on this project")
-    p.add_argument("--port", type=int, default=3000)
-    p.set_defaults(func=cmd_ui)
+    if extend is not None:
+        extend(sub)
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, extend: Callable | None = None) -> None:
+    args = build_parser(extend).parse_args(argv)
     apply_defaults()
     try:
         args.func(args)

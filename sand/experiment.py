@@ -16,6 +16,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from sand.errors import SandError
+from sand.trajectory import ENVS
+
+# Keys of the per-environment settings: a typo (`alfwrld`) is an error naming it, not an ignored entry.
+EnvName = Literal[ENVS]
 
 # `SAND_EXPERIMENTS` names another folder; by default the repository's experiments/.
 EXPERIMENTS_DIR = Path(os.environ.get("SAND_EXPERIMENTS", Path(__file__).resolve().parent.parent / "experiments"))
@@ -68,7 +72,7 @@ class EnvEval(_Strict):
 
 
 class EvalConfig(_Strict):
-    envs: dict[str, EnvEval] = Field(default_factory=lambda: {
+    envs: dict[EnvName, EnvEval] = Field(default_factory=lambda: {
         "alfworld": EnvEval(splits=["valid_seen", "valid_unseen"], tasks_per_split=10, max_steps=30),
         "sciworld": EnvEval(splits=["dev", "test"], variations_per_task=1, tasks_per_split=10, max_steps=30),
     })
@@ -95,7 +99,7 @@ class SandConfig(_Strict):
     # env -> how many of D_0's trajectories the iterations deliberate over (a stable pseudo-random N); None:
     # all of D_0, as the paper. D_k carries the others unchanged, so every iteration trains on all the data.
     # CPU budgets: the critique stage grows with this, training does not.
-    trajectories: dict[str, int | None] | None = None
+    trajectories: dict[EnvName, int | None] | None = None
 
 
 class RetrainConfig(_Strict):
@@ -108,7 +112,7 @@ class Experiment(_Strict):
     description: str = ""
     base_model: str = "smollm2-135m"
     backend: BackendConfig = Field(default_factory=BackendConfig)
-    train_data: dict[str, int | None] = Field(default_factory=lambda: {"alfworld": None, "sciworld": None},
+    train_data: dict[EnvName, int | None] = Field(default_factory=lambda: {"alfworld": None, "sciworld": None},
                                               description="env -> max trajectories of D_0 used (None: all)")
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluation: EvalConfig = Field(default_factory=EvalConfig)

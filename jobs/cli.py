@@ -12,19 +12,30 @@ from sand import cli
 def cmd_run(args) -> None:
     from dagster import DagsterInstance
 
+    from jobs.retraining import failure_rows
+    from sand.preflight import check_experiment
     from sand.report import format_report
     from sand.store import Store
     from sand_assets.definitions import defs, experiments
 
     job = defs.resolve_job_def(args.job)
+    experiment = next((e for e in experiments if e.name == args.job), None)
+    if experiment is not None:
+        check_experiment(experiment)  # Java, game data, base model: before any work starts
     with DagsterInstance.get() as instance:
         result = job.execute_in_process(instance=instance, raise_on_error=False)
-    print(f"run {result.run_id}: {'succeeded' if result.success else 'FAILED'} (job {args.job}; "
-          f"DAGSTER_HOME={os.environ['DAGSTER_HOME']})")
-    if args.job in {e.name for e in experiments}:
+        print(f"run {result.run_id}: {'succeeded' if result.success else 'FAILED'} (job {args.job}; "
+              f"DAGSTER_HOME={os.environ['DAGSTER_HOME']})")
+        if not result.success:
+            # Recorded here as well as by the daemon's run failure sensor (same file per run): a run
+            # without a daemon reaches the catalog's run_failures too.
+            rows = failure_rows(instance, instance.get_run_by_id(result.run_id), "the run failed")
+            Store().record_run_failure(result.run_id, rows)
+            for row in rows:
+                print(f"  failed: {row['step'] or 'the run'} {row['assets']}: {row['error']}", file=sys.stderr)
+            raise SystemExit(1)
+    if experiment is not None:
         print(format_report(Store(), args.job))
-    if not result.success:
-        raise SystemExit(1)
 
 
 def cmd_ui(args) -> None:

@@ -1,0 +1,48 @@
+"""Configuration and setup errors are reported before any work starts; a failed `sand run` says so and
+reaches run_failures without the daemon."""
+import pytest
+
+from jobs.cli import main as sand_main
+from sand import preflight
+from sand.errors import SandError
+from sand.experiment import Experiment, load_experiment
+from sand.store import Store
+
+
+def test_unknown_environment_keys_are_rejected_naming_them(tmp_path):
+    path = tmp_path / "typo.yaml"
+    path.write_text("train_data: {alfwrld: 6}\n"
+                    "evaluation: {envs: {alfworld: {splits: [heldout]}, sciwrld: {splits: [dev]}}}\n"
+                    "sand: {trajectories: {alfword: 3}}\n")
+    with pytest.raises(SandError) as error:
+        load_experiment(path)
+    for key in ("train_data.alfwrld", "evaluation.envs.sciwrld", "sand.trajectories.alfword"):
+        assert key in str(error.value)
+
+
+def test_missing_java_games_and_model_are_named_before_work(tmp_path, monkeypatch):
+    not_a_model = tmp_path / "model"
+    not_a_model.mkdir()
+    exp = Experiment(name="x", base_model=str(not_a_model),
+                     evaluation={"envs": {"alfworld": {"splits": ["valid_seen"]}, "sciworld": {"splits": ["dev"]}}})
+    monkeypatch.setenv("PATH", str(tmp_path))  # no java
+    monkeypatch.setenv("ALFWORLD_DATA", str(tmp_path / "nothing"))
+    found = preflight.problems(exp)
+    assert len(found) == 3
+    assert "java" in found[0] and "ALFWORLD_DATA" in found[1] and "config.json" in found[2]
+    with pytest.raises(SandError, match="cannot run here"):
+        preflight.check_experiment(exp)
+    # Generated games only: no ALFWORLD_DATA needed.
+    heldout = Experiment(name="y", train_data={"alfworld": 2},
+                         evaluation={"envs": {"alfworld": {"splits": ["heldout"]}}})
+    assert preflight.problems(heldout) == []
+
+
+def test_failed_run_says_so_and_reaches_run_failures_without_the_daemon(sand_home, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        sand_main(["run", "import_eto"])  # fails in its step: no inbox file named as its partition
+    out, err = capsys.readouterr()
+    assert exit_.value.code == 1 and "FAILED" in out and "imported_trajectories" in err
+    rows = Store(sand_home).sql("select job, step, error from run_failures").rows(named=True)
+    assert [(r["job"], r["step"]) for r in rows] == [("import_eto", "imported_trajectories")]
+    assert "partition" in rows[0]["error"]

@@ -50,6 +50,13 @@ def test_sft_and_evaluations_land_in_the_catalog(sand_home):
             ("base", "alfworld", "valid_seen", 2), ("base", "sciworld", "dev", 1),
             ("sft", "alfworld", "valid_seen", 2), ("sft", "sciworld", "dev", 1)]
         assert summary["avg_reward"].is_between(0, 100).all()
+        # Each evaluation recorded its intervals and its comparisons with the agent evaluated before it.
+        assert store.sql("select count(*) from evaluation_summary where experiment = 'tiny' and ci_lo <= avg_reward "
+                         "and avg_reward <= ci_hi").item() == 4
+        assert sorted(store.sql("select agent, baseline from agent_comparison where experiment = 'tiny'").rows()) == \
+            [("base", "sft")] * 2 + [("sft", "base")] * 2
+        metadata = result.asset_materializations_for_node("tiny__iter_0__evaluation")[0].metadata
+        assert {"alfworld/valid_seen/ci_lo", "sciworld/dev/ci_hi", "sciworld/dev/episodes"} <= set(metadata)
         # Lineage answers which data trained the evaluated checkpoint.
         trained_on = store.sql("""
             select d.dataset from lineage e, unnest(e.inputs) as i(ref), lineage c, unnest(c.inputs) as j(d)

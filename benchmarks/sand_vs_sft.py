@@ -167,8 +167,8 @@ def stage_times(path) -> str:
     if latest.is_empty():
         return ""
     lines = ["", "stage wall times (the longest successful run of each, minutes; load average seen)"]
-    lines += [f"  {e + ': ' + s:<70}{sec / 60:>7.1f}  (load {ld})" for e, s, sec, ld in latest.sort("experiment", "step")
-              .iter_rows()]
+    lines += [f"  {e + ': ' + s:<70}{sec / 60:>7.1f}  (load {ld})"
+              for e, s, sec, ld in latest.sort("experiment", "step").iter_rows()]
     lines.append(f"  {'total':<70}{latest['seconds'].sum() / 60:>7.1f}")
     return "\n".join(lines)
 

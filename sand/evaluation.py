@@ -1,5 +1,5 @@
 """The evaluation harness: greedy episodes through the rollout engine, one record per episode, and
-the paper's per-split metrics (design/sand-method.md, "Metrics").
+the paper's per-split metrics.
 
 Resumable per episode: with a work log (`sand.worklog.WorkLog`), each record is appended as its episode
 ends, and a rerun skips the tasks the log already holds for the same adapter. The key is (env, task_id,

@@ -173,7 +173,7 @@ def format_report(store: Store, experiment: str, vs: list[str] | None = None) ->
     counts = board.group_by("env", "split").agg(pl.col("episodes").max()).sort("env", "split")
     header = ", ".join(f"{e}/{s} ({n} episodes)" for e, s, n in counts.iter_rows())
     parts = [f"{experiment}: {header}",
-             f"\navg_reward x100 [95% bootstrap interval over episodes]\n" + _table(_pivot(board, pl.format(
+             "\navg_reward x100 [95% bootstrap interval over episodes]\n" + _table(_pivot(board, pl.format(
                  "{} [{}, {}]", pl.col("avg_reward"), pl.col("ci_lo"), pl.col("ci_hi"))))]
     for metric in METRICS[1:]:
         parts.append(f"\n{metric}\n{_table(_pivot(board, pl.col(metric)))}")

@@ -91,6 +91,7 @@ def test_consecutive_invalid_actions_end_the_episode(home, sci_tasks):
         uncut = evaluate(backend, sciworld, sci_tasks[:1], pool_size=1, max_steps=5, max_new_tokens=16,
                          max_invalid_streak=None)
     for r in cut:
-        assert (r.steps, r.invalid_actions, r.format_errors, r.invalid_cutoff, r.max_invalid_streak) == (3, 3, 0, True, 3)
+        assert (r.steps, r.invalid_actions, r.format_errors, r.invalid_cutoff, r.max_invalid_streak) == \
+            (3, 3, 0, True, 3)
     assert (uncut[0].steps, uncut[0].invalid_actions, uncut[0].invalid_cutoff, uncut[0].max_invalid_streak) == \
         (5, 5, False, None)

@@ -8,7 +8,8 @@ difference to SFT on the tasks both were evaluated on, and the wall time of ever
 
 The ablations are their own experiment files (cpu_bench_no_sampling, cpu_bench_no_critique) that differ from
 cpu_bench only in the ablation switch: their D_0 share and SFT checkpoint are cpu_bench's (work is keyed by
-content), and their agents are compared with cpu_bench's SFT agent on the same tasks. `--agents` chooses what
+content), and their agents are compared with cpu_bench's SFT agent on the same tasks (`sand report
+cpu_bench_no_critique --vs sft` shows the same comparison from the catalog). `--agents` chooses what
 runs (the cut when the budget binds; each agent's run includes whatever it stands on). Runs record in
 SAND_HOME and DAGSTER_HOME like `sand run`; an interrupted run resumes on the next call (finished checkpoints,
 evaluation episodes and loop work are kept), and each call appends its stage times to
@@ -85,8 +86,10 @@ def run(agents: list[str], stages_log) -> None:
     with DagsterInstance.get() as instance:
         for experiment in experiments:
             job = defs.resolve_job_def(experiment)
-            targets = [AssetKey([experiment, *AGENTS[a].asset.split("/")]) for a in agents
-                       if AGENTS[a].experiment == experiment]
+            assets = [AGENTS[a].asset for a in agents if AGENTS[a].experiment == experiment]
+            if experiment != EXPERIMENT:  # its SFT agent's evaluation (reused, not run again): its catalog
+                assets.append(AGENTS[BASELINE].asset)  # then compares the ablation with SFT (`sand report`)
+            targets = [AssetKey([experiment, *asset.split("/")]) for asset in assets]
             keys = AssetSelection.assets(*targets).upstream().resolve(graph) & job.asset_layer.selected_asset_keys
             started = time.monotonic()
             result = job.execute_in_process(instance=instance, asset_selection=sorted(keys), raise_on_error=False)

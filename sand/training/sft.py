@@ -13,46 +13,38 @@ import math
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import polars as pl
+from pydantic import Field
 
+from sand.experiment import TrainConfig
 from sand.react import conversation
 from sand.trajectory import Trajectory, from_frame
 
 
-@dataclass
-class TrainSpec:
+class TrainSpec(TrainConfig):
+    """One training run: the experiment's hyperparameters (`epochs` is this run's: TrainConfig.epochs_of), what it
+    reads and writes, and the trainer's settings no experiment changes."""
+
     base_model: str  # model folder
     data: list[str]  # Parquet files of trajectories
     output_dir: str
     init_checkpoint: str | None = None  # continue from this adapter (LoRA) or model folder (full)
-    lora: bool = True
-    lora_r: int = 16
-    lora_alpha: int = 32
     lora_dropout: float = 0.05
-    learning_rate: float = 5e-4
-    epochs: float = 1.0
-    max_steps: int = -1  # > 0 caps optimizer steps (quick runs); -1: epochs decide
-    per_device_batch_size: int = 2
-    gradient_accumulation_steps: int = 2
-    max_length: int = 1024
-    history_steps: int | None = 8
     lr_scheduler: str = "cosine"
     warmup: float = 0.03  # a fraction of training (< 1) or a number of steps
     seed: int = 0
-    bf16: bool | None = None  # None: where the hardware computes in bf16 (sand.models.registry.bf16_capable)
     gradient_checkpointing: bool = False
     save_steps: int = 50
-    extra_args: dict = field(default_factory=dict)  # any other SFTConfig field (DeepSpeed config, ...)
+    extra_args: dict = Field(default_factory=dict)  # any other SFTConfig field (DeepSpeed config, ...)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self))
+        return self.model_dump_json()
 
     @classmethod
-    def from_json(cls, text: str) -> "TrainSpec":
-        return cls(**json.loads(text))
+    def from_json(cls, text: str) -> TrainSpec:
+        return cls.model_validate_json(text)
 
 
 def training_examples(trajectories: list[Trajectory], history_steps: int | None) -> list[dict]:

@@ -1,7 +1,7 @@
 """The whole SAND loop as Dagster assets: tiny model, real ALFWorld games, a real Dagster instance and
 DuckDB catalog. Checks each stage's table, the lineage question, and that a rerun is a no-op."""
 import polars as pl
-from dagster import PipesSubprocessClient, instance_for_test, materialize
+from dagster import AssetCheckSeverity, PipesSubprocessClient, instance_for_test, materialize
 
 from resources import AlfWorldResource, ComputeResource, SciWorldResource, StoreResource
 from sand.experiment import EnvEval, EvalConfig, Experiment, SandConfig, TrainConfig
@@ -50,13 +50,30 @@ def test_one_sand_iteration_end_to_end(sand_home):
     resources = {"store": StoreResource(home=str(sand_home)), "sciworld": SciWorldResource(),
                  "alfworld": AlfWorldResource(train_games=2), "compute": ComputeResource(torch_threads=1),
                  "pipes": PipesSubprocessClient()}
-    selection = [alfworld_training_games, alfworld_source_trajectories, expert_trajectories, model[0], model[1],
-                 *loop]
+    base_model, d0, sft_checkpoint = model[:3]
+    selection = [alfworld_training_games, alfworld_source_trajectories, expert_trajectories, base_model, d0,
+                 sft_checkpoint, *loop]
     with instance_for_test() as instance:
         result = materialize([*expert, *model, *loop], selection=selection, resources=resources,
                              instance=instance)
         assert result.success
+        checks = {(e.asset_key.to_user_string(), e.check_name): e for e in result.get_asset_check_evaluations()}
+        blocking = [("tiny/d0", "trajectories_valid"), ("tiny/sft_checkpoint", "checkpoint_usable"),
+                    ("tiny/iter_1/deliberation_dataset", "trajectories_valid"),
+                    ("tiny/iter_1/finetuned_checkpoint", "checkpoint_usable"),
+                    ("tiny/iter_1/evaluation", "episodes_complete")]
+        assert [check for check in blocking if not checks[check].passed] == []
+        # The untrained tiny writer fails validation everywhere: the fallback check warns, it does not block.
+        fallback = checks["tiny/iter_1/deliberations", "fallback_rate"]
+        assert not fallback.passed and fallback.severity == AssetCheckSeverity.WARN
         store = Store(sand_home)
+        # One asset per table: each dataset's lineage names the asset that wrote it.
+        writers = store.sql("select \"table\", asset from lineage where dataset in ('tiny/d0', 'tiny/iter_1') "
+                            "group by all order by all").rows()
+        assert writers == [("candidates", "tiny/iter_1/candidate_samples"),
+                           ("critiques", "tiny/iter_1/action_critiques"),
+                           ("deliberations", "tiny/iter_1/deliberations"), ("rollouts", "tiny/iter_1/rollouts"),
+                           ("trajectories", "tiny/d0"), ("trajectories", "tiny/iter_1/deliberation_dataset")]
         steps = store.sql("select count(*) as n, sum(uncertain::int) as u from candidates "
                           "where dataset = 'tiny/iter_1'").row(0, named=True)
         total_steps = store.sql("select sum(n_steps) from trajectories where dataset = 'tiny/d0'").item()
@@ -89,7 +106,7 @@ def test_one_sand_iteration_end_to_end(sand_home):
                                           "sand": exp.sand.model_copy(update={"critique": False})})
         trained = sorted((sand_home / "checkpoints").iterdir())
         model_b, loop_b = build_model_assets(ablation), build_loop_assets(ablation)
-        branch = materialize([*expert, *model_b, *loop_b], selection=[*model_b[:2], loop_b[0]],
+        branch = materialize([*expert, *model_b, *loop_b], selection=[*model_b[:3], loop_b[0]],
                              resources=resources, instance=instance)
         assert branch.success
         assert sorted((sand_home / "checkpoints").iterdir()) == trained  # no second SFT run
@@ -104,7 +121,7 @@ def test_one_sand_iteration_end_to_end(sand_home):
         share = exp.model_copy(update={"name": "tiny_share",
                                        "sand": exp.sand.model_copy(update={"trajectories": {"alfworld": 1}})})
         model_s, loop_s = build_model_assets(share), build_loop_assets(share)
-        assert materialize([*expert, *model_s, *loop_s], selection=[*model_s[:2], *loop_s[:3]],
+        assert materialize([*expert, *model_s, *loop_s], selection=[*model_s[:3], *loop_s[:3]],
                            resources=resources, instance=instance).success
         sampled = store.sql("select list(distinct trajectory_id) as ids, count(*) as n from candidates "
                             "where dataset = 'tiny_share/iter_1'").row(0, named=True)

@@ -1,7 +1,6 @@
 """Experiment model assets on a real Dagster instance: SFT through Pipes in a child process, evaluations
 in real environments, rows in the catalog's checkpoints / evaluations / lineage views."""
 import json
-from pathlib import Path
 
 import pytest
 from dagster import PipesSubprocessClient, instance_for_test, materialize
@@ -9,8 +8,9 @@ from dagster import PipesSubprocessClient, instance_for_test, materialize
 from jobs.experiments import experiment_job
 from resources import AlfWorldResource, ComputeResource, SciWorldResource, StoreResource
 from sand import datasets
-from sand.experiment import EnvEval, EvalConfig, Experiment, TrainConfig, load_experiment, load_experiments
 from sand.errors import SandError
+from sand.experiment import EnvEval, EvalConfig, Experiment, TrainConfig, load_experiment, load_experiments
+from sand.models.checkpoints import checkpoint_problems
 from sand.models.registry import tiny_model
 from sand.store import Lineage, Store
 from sand_assets.expert_data import expert_trajectories
@@ -43,7 +43,7 @@ def test_sft_and_evaluations_land_in_the_catalog(sand_home):
         checkpoint = store.sql("select path, lora, train_steps, final_loss, examples from checkpoints "
                                "where experiment = 'tiny'").row(0, named=True)
         assert checkpoint["lora"] and checkpoint["train_steps"] == 3 and checkpoint["examples"] == 2
-        assert Path(checkpoint["path"], "adapter_config.json").exists()
+        assert (store.resolve(checkpoint["path"]) / "adapter_config.json").exists()
         summary = store.sql("select agent, env, split, episodes, avg_reward, format_error_rate "
                             "from evaluation_summary where experiment = 'tiny' order by agent, env")
         assert summary.select("agent", "env", "split", "episodes").rows() == [
@@ -66,9 +66,28 @@ def test_sft_and_evaluations_land_in_the_catalog(sand_home):
 
         # Unchanged inputs: rematerializing trains nothing new.
         before = store.sql("select count(*) from checkpoints_all").item()
-        again = materialize([expert_trajectories, *assets], selection=[assets[1]], resources=resources,
+        again = materialize([expert_trajectories, *assets], selection=[assets[2]], resources=resources,
                             instance=instance)
         assert again.success and store.sql("select count(*) from checkpoints_all").item() == before
+
+
+def test_checkpoint_check_names_what_is_wrong(sand_home):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    store = Store(sand_home)
+    folder = sand_home / "checkpoints" / "adapter"
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model()),
+                   LoraConfig(r=4, target_modules=["q_proj", "v_proj"])).save_pretrained(folder)
+    row = {"path": "checkpoints/adapter", "lora": True, "final_loss": 1.5, "base_model": str(tiny_model())}
+    assert checkpoint_problems(store, row) == []
+    assert checkpoint_problems(store, {**row, "final_loss": float("nan")}) == ["final loss is nan"]
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "r": 8}))  # not the shape of its weights
+    [problem] = checkpoint_problems(store, row)
+    assert "peft cannot load the adapter" in problem and "size mismatch" in problem
+    (folder / "adapter_model.safetensors").unlink()
+    assert checkpoint_problems(store, row) == [f"{folder}: no adapter_model.safetensors"]
 
 
 def test_shipped_experiments_load():
@@ -95,8 +114,9 @@ def test_bad_experiment_names_the_field(tmp_path):
 def test_experiment_resource_settings_become_its_job_config():
     exp = Experiment(name="more_games", resources={"alfworld": {"train_games": 160}})
     assert experiment_job(exp).config == {"resources": {"alfworld": {"config": {"train_games": 160}}}}
-    for resources, problem in [({"alfworld": {"train_gamez": 1}}, r"resources.alfworld: unknown settings \['train_gamez'\]"),
-                               ({"alfworld": {"train_games": "many"}}, "resources.alfworld: train_games: Input should be"),
-                               ({"gpu": {}}, "resources.gpu: no such resource")]:
+    for resources, problem in [
+            ({"alfworld": {"train_gamez": 1}}, r"resources.alfworld: unknown settings \['train_gamez'\]"),
+            ({"alfworld": {"train_games": "many"}}, "resources.alfworld: train_games: Input should be"),
+            ({"gpu": {}}, "resources.gpu: no such resource")]:
         with pytest.raises(SandError, match=f"experiment more_games: {problem}"):
             experiment_job(Experiment(name="more_games", resources=resources))

@@ -110,23 +110,43 @@ def test_a_source_that_clashes_is_not_stored(sand_home):
 
 # --- one writer at a time --------------------------------------------------------------------------
 
+IMPORTER = textwrap.dedent("""
+    import sys, time
+    from sand.cli import main
+    start = float(sys.argv[1])
+    time.sleep(max(0.0, start - time.time()))  # all processes begin together
+    for path in sys.argv[2:]:
+        main(["import", path, "--env", "alfworld"])
+""")
+
+
+def start_together(script, *args_per_process, delay=6.0):
+    start = str(time.time() + delay)  # after every interpreter has started
+    return [subprocess.Popen([sys.executable, "-c", script, start, *args], cwd=REPO, stderr=subprocess.PIPE,
+                             stdout=subprocess.DEVNULL, text=True) for args in args_per_process]
+
+
 def test_concurrent_imports_keep_every_row(sand_home, tmp_path):
-    files = [eto_file(tmp_path / f"f{i}.json", [f"t{i}_{j}" for j in range(3)]) for i in range(3)]
-    procs = [sand("import", str(f), "--env", "alfworld") for f in files]
-    for proc in procs:
-        _, err = proc.communicate(timeout=120)
+    files = [[str(eto_file(tmp_path / f"f{i}_{k}.json", [f"t{i}_{k}"])) for k in range(3)] for i in range(3)]
+    for proc in start_together(IMPORTER, *files):
+        _, err = proc.communicate(timeout=180)
         assert proc.returncode == 0, err
-    assert expert_ids(sand_home) == sorted(f"t{i}_{j}" for i in range(3) for j in range(3))
+    assert expert_ids(sand_home) == sorted(f"t{i}_{k}" for i in range(3) for k in range(3))
+    # No version of D_0 ever dropped rows an earlier one had: each recomposition saw every source before it.
+    sizes = Store(sand_home).sql("select row_count from lineage where dataset = 'expert' order by created_at")
+    assert sizes["row_count"].to_list() == sorted(sizes["row_count"])
 
 
 APPENDER = textwrap.dedent("""
     import sys, polars as pl
     from sand.worklog import WorkLog
-    log, who, n = WorkLog(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+    import time
+    time.sleep(max(0.0, float(sys.argv[1]) - time.time()))  # all processes begin together
+    log, who, n = WorkLog(sys.argv[2]), sys.argv[3], int(sys.argv[4])
     print("ready", flush=True)
     for i in range(n):
         key = f"{who}-{i}"
-        if sys.argv[4] == "one":
+        if sys.argv[5] == "one":
             log.append(pl.DataFrame({"key": [key]}))
         else:
             log.append_together(rollouts=pl.DataFrame({"key": [key] * 3}), critiques=pl.DataFrame({"key": [key]}))
@@ -134,8 +154,7 @@ APPENDER = textwrap.dedent("""
 
 
 def test_worklog_parts_from_two_processes_are_all_kept(tmp_path):
-    procs = [subprocess.Popen([sys.executable, "-c", APPENDER, str(tmp_path / "log"), who, "100", "one"], cwd=REPO)
-             for who in "ab"]
+    procs = start_together(APPENDER, *[(str(tmp_path / "log"), who, "100", "one") for who in "ab"])
     assert [p.wait(timeout=120) for p in procs] == [0, 0]
     keys = WorkLog(tmp_path / "log").frame()["key"]
     assert keys.len() == 200 and keys.n_unique() == 200
@@ -143,7 +162,7 @@ def test_worklog_parts_from_two_processes_are_all_kept(tmp_path):
 
 def test_tables_committed_together_survive_a_kill(tmp_path):
     """A stage killed while writing leaves each unit's rollouts and critique both, or neither."""
-    proc = subprocess.Popen([sys.executable, "-c", APPENDER, str(tmp_path / "log"), "a", "100000", "together"],
+    proc = subprocess.Popen([sys.executable, "-c", APPENDER, "0", str(tmp_path / "log"), "a", "100000", "together"],
                             cwd=REPO, stdout=subprocess.PIPE)
     proc.stdout.readline()
     log = WorkLog(tmp_path / "log")

@@ -1,7 +1,16 @@
 """Jobs that build the expert set, and the inbox sensor that imports dropped ETO files."""
 from __future__ import annotations
 
-from dagster import AssetSelection, AutomationConditionSensorDefinition, DefaultSensorStatus, RunRequest, SensorEvaluationContext, SensorResult, define_asset_job, sensor
+from dagster import (
+    AssetSelection,
+    AutomationConditionSensorDefinition,
+    DefaultSensorStatus,
+    RunRequest,
+    SensorEvaluationContext,
+    SensorResult,
+    define_asset_job,
+    sensor,
+)
 
 from resources import StoreResource
 from sand.trajectory import ENVS

@@ -19,7 +19,6 @@ from dagster import (
     run_failure_sensor,
     sensor,
 )
-
 from dagster._core.storage.dagster_run import NOT_FINISHED_STATUSES
 
 from resources import StoreResource

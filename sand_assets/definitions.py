@@ -1,8 +1,8 @@
 """The code location: `dagster dev` (workspace.yaml) and `dagster asset materialize -m sand_assets.definitions`."""
 from dagster import Definitions, PipesSubprocessClient, load_asset_checks_from_modules, load_assets_from_modules
 
-from jobs.expert_data import automation_sensor, eto_inbox_sensor, expert_data_job, import_job
 from jobs.experiments import experiment_job
+from jobs.expert_data import automation_sensor, eto_inbox_sensor, expert_data_job, import_job
 from jobs.retraining import base_model_sensor, new_data_sensor, run_failure_report
 from resources import AlfWorldResource, ComputeResource, SciWorldResource, StoreResource
 from sand.experiment import load_experiments

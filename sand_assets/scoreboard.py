@@ -5,8 +5,16 @@ every materialization, so the asset's Plots tab follows each figure over time.""
 import base64
 
 import polars as pl
-from dagster import AssetExecutionContext, AssetKey, AssetsDefinition, AutomationCondition, DataVersion, \
-    MaterializeResult, MetadataValue, asset
+from dagster import (
+    AssetExecutionContext,
+    AssetKey,
+    AssetsDefinition,
+    AutomationCondition,
+    DataVersion,
+    MaterializeResult,
+    MetadataValue,
+    asset,
+)
 
 from resources import StoreResource
 from sand.charts import scoreboard_chart

@@ -3,8 +3,14 @@ import json
 import shutil
 
 import pytest
-from dagster import DagsterInstance, Definitions, build_sensor_context, evaluate_automation_conditions, instance_for_test, \
-    materialize
+from dagster import (
+    DagsterInstance,
+    Definitions,
+    build_sensor_context,
+    evaluate_automation_conditions,
+    instance_for_test,
+    materialize,
+)
 
 from jobs.expert_data import eto_inbox_sensor
 from resources import AlfWorldResource, SciWorldResource, StoreResource

@@ -6,7 +6,8 @@ from sand.trajectory import Step
 
 
 @pytest.mark.parametrize("text, thought, action", [
-    ("Thought: the mug is here.\nAction: take mug 1 from countertop 1", "the mug is here.", "take mug 1 from countertop 1"),
+    ("Thought: the mug is here.\nAction: take mug 1 from countertop 1", "the mug is here.",
+     "take mug 1 from countertop 1"),
     ("Action: go to fridge 1", "", "go to fridge 1"),
     ("Thought: a\nmultiline plan\nAction: open fridge 1.\nObservation: The fridge is open.\nAction: look",
      "a\nmultiline plan", "open fridge 1"),

@@ -4,7 +4,6 @@ import time
 from datetime import datetime
 
 import polars as pl
-
 from dagster import (
     AssetKey,
     DagsterEventType,
@@ -33,9 +32,9 @@ from sand.store import Lineage, Store
 from sand_assets import expert_data
 from sand_assets.definitions import defs as shipped_defs
 from sand_assets.expert_data import expert_trajectories, expert_trajectories_schema
-from tests.conftest import DATA
 from sand_assets.loop import build_loop_assets
 from sand_assets.models import build_model_assets
+from tests.conftest import DATA
 
 
 def resources(home):

@@ -41,7 +41,8 @@ def test_catalog_views_show_current_versions_steps_and_lineage(sand_home):
     assert steps["step"].to_list() == [0, 1, 2] and steps["action"][2] == "go to shelf 2"
     lineage = store.sql("select asset, iteration, run_id, inputs from lineage where run_id = 'r1'")
     assert lineage.height == 1 and lineage["iteration"][0] == 0
-    assert lineage["inputs"][0][0] == {"table": "source_trajectories", "dataset": "alfworld", "version": src.ref.version}
+    assert lineage["inputs"][0][0] == {"table": "source_trajectories", "dataset": "alfworld",
+                                       "version": src.ref.version}
     # The catalog file opens in plain DuckDB too, with the views declared.
     con = duckdb.connect(str(store.catalog_path), read_only=True)
     assert con.execute("select count(*) from steps").fetchone()[0] == 2 + 3 + 2  # a, b, c of the current expert version
@@ -71,4 +72,5 @@ def test_dataset_names_with_slashes(sand_home):
     store = Store()
     store.write("source_trajectories", "import/my file", to_frame([traj("a")]), Lineage(asset="x"))
     assert store.datasets("source_trajectories") == [
-        DatasetRef("source_trajectories", "import/my file", store.head("source_trajectories", "import/my file").version)]
+        DatasetRef("source_trajectories", "import/my file",
+                   store.head("source_trajectories", "import/my file").version)]

@@ -5,8 +5,8 @@ import pytest
 
 from sand.formats.eto import load_eto
 from sand.models.registry import tiny_model
-from sand.trajectory import to_frame
 from sand.training.sft import TrainSpec, train, training_examples
+from sand.trajectory import to_frame
 from tests.conftest import DATA
 
 

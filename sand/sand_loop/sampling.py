@@ -2,8 +2,9 @@
 
 At every step t of every expert trajectory the agent pi_k sees the expert prefix (the conversation up
 to the observation before step t, as the rollout engine would prompt it: `sand.rollout.agent_prompt`)
-and samples n replies. The parsed actions, normalised and de-duplicated together with the expert action, form the step's candidate set; a set of more than one action marks the step as
-uncertain (to deliberate), a single one as confident (kept as is).
+and samples n replies. The parsed actions, normalised and de-duplicated together with the expert action,
+form the step's candidate set; a set of more than one action marks the step as uncertain (to deliberate),
+a single one as confident (kept as is).
 """
 from __future__ import annotations
 

@@ -6,8 +6,6 @@ so a file names only what differs.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Literal
@@ -121,9 +119,6 @@ class Experiment(_Strict):
     resources: dict[str, dict] = Field(default_factory=dict,
                                        description="settings of the shared resources in this experiment's job, "
                                                    "e.g. {alfworld: {train_games: 240}}")
-
-    def config_hash(self) -> str:
-        return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()[:12]
 
 
 def load_experiment(path: str | Path) -> Experiment:

@@ -12,6 +12,16 @@ os.environ.setdefault("ALFWORLD_DATA", str(REPO.parent / "shared" / "data" / "al
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+def replay(env, task, actions: list[str]):
+    """Reset `env` to `task` and execute `actions`; the StepResult of the last one."""
+    from sand.envs.base import StepResult
+
+    result = StepResult(env.reset(task), env.score, False, True)
+    for action in actions:
+        result = env.step(action)
+    return result
+
+
 @pytest.fixture
 def sand_home(tmp_path, monkeypatch):
     """A fresh SAND_HOME (and DAGSTER_HOME inside it) per test."""

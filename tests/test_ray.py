@@ -7,6 +7,7 @@ from functools import partial
 import pytest
 import ray
 import torch
+from conftest import replay
 from dagster import asset, materialize
 
 from resources import AlfWorldResource, ComputeResource, SciWorldResource
@@ -87,7 +88,7 @@ def test_errors_in_the_worker_keep_their_type_and_free_the_actor(home, cluster):
             env.tasks("nope")
         task = env.tasks("dev")[0]  # the environment survives its errors
         assert env.reset(task).startswith("Your task is") and env.max_steps > 0 and env.score == 0.0
-        assert env.replay(task, env.expert_actions(task)).score == 1.0
+        assert replay(env, task, env.expert_actions(task)).score == 1.0
         ray.kill(env._actor)  # the worker dies: calls say so, closing still works
         with pytest.raises(ray.exceptions.RayActorError):
             env.reset(task)

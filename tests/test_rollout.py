@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import replay
 
 from sand.envs.alfworld import AlfWorldEnv
 from sand.envs.alfworld_gen import generate_games
@@ -149,7 +150,7 @@ def test_prefix_replay_and_forced_first_action(home, tiny, sci):
     gold = sci.expert_actions(task)
     prefix = tuple(Step(f"t{i}", a, "") for i, a in enumerate(gold))
     k = 3
-    expected = sci.replay(task, gold[:k] + ["fly to the moon"])
+    expected = replay(sci, task, gold[:k] + ["fly to the moon"])
     ticks = []
     with RolloutEngine(tiny, lambda: ScienceWorldEnv(task_names=SCI_TASKS), 2, PARAMS,
                        on_tick=ticks.append) as engine:

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import polars as pl
 import pytest
 import torch
+from conftest import replay
 
 from sand.envs.alfworld import AlfWorldEnv
 from sand.envs.alfworld_gen import generate_games
@@ -197,7 +198,7 @@ def test_critique_rolls_out_every_candidate_in_the_real_environment(alf_critique
             task = next(task for task in env.tasks("train") if task.task_id == t.task_id)
             prefix = [s.action for s in t.steps[:r.step]]
             # The first observation is the environment's own answer to the candidate after the prefix.
-            assert r.observations[0] == env.replay(task, prefix + [r.executed]).observation
+            assert r.observations[0] == replay(env, task, prefix + [r.executed]).observation
             assert r.actions[0] == r.executed and 1 <= len(r.actions) <= 3 and r.agent == "base"
     for c in critiques:
         assert c.verdict in VERDICTS and c.critic == "base" and c.text.startswith("Verdict:")
@@ -354,7 +355,7 @@ def test_full_iteration_on_sciworld_and_tables_round_trip(agent, home, sci, tmp_
         task = env.tasks("train")[0]
         for r in result.rollouts[:3]:
             prefix = [s.action for s in t.steps[:r.prefix_len]]
-            assert r.observations[0] == env.replay(task, prefix + [r.executed]).observation
+            assert r.observations[0] == replay(env, task, prefix + [r.executed]).observation
     assert len(result.deliberations) == len(uncertain)
     [dk] = result.dataset
     assert sum(s.thought.startswith(DELIBERATION_PREFIX) for s in dk.steps) == len(uncertain)

@@ -80,9 +80,6 @@ class RayEnvironment(Environment):
     def expert_actions(self, task: TaskSpec) -> list[str]:
         return self._call("expert_actions", task)
 
-    def replay(self, task: TaskSpec, actions: list[str]) -> StepResult:
-        return self._call("replay", task, actions)  # one round trip, not one per action
-
     def close(self) -> None:
         try:
             self._call("close")

@@ -75,14 +75,6 @@ class Environment(ABC):
     def expert_actions(self, task: TaskSpec) -> list[str]:
         """An action sequence that solves the task (the expert demonstration)."""
 
-    def replay(self, task: TaskSpec, actions: list[str]) -> StepResult:
-        """Reset to `task` and execute `actions`; return the result of the last one."""
-        obs = self.reset(task)
-        result = StepResult(obs, self.score, False, True)
-        for action in actions:
-            result = self.step(action)
-        return result
-
     @abstractmethod
     def close(self) -> None: ...
 

@@ -11,7 +11,7 @@ told to, fallbacks always do). So
 `thought.startswith(DELIBERATION_PREFIX)` recognises a deliberation exactly (its "let me weigh" and
 "options:" are also markers of `sand.evaluation.is_deliberation`).
 
-Ablations (design/sand-method.md): without `candidates` (no self-consistency sampling) every step
+Ablations: without `candidates` (no self-consistency sampling) every step
 deliberates over alternatives the writer invents itself; without `critiques` (no execution-guided
 critique) the thought weighs the sampled candidates alone.
 

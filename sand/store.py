@@ -177,6 +177,8 @@ class Store:
     def relative(self, path: str | Path) -> str:
         """`path` relative to SAND_HOME when it lies inside it, else unchanged (absolute)."""
         path = Path(path)
+        if not path.is_absolute():  # stored relative already
+            return str(path)
         try:
             return str(path.resolve().relative_to(self.home))
         except ValueError:

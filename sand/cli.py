@@ -19,21 +19,49 @@ def _store():
 
 def cmd_import(args) -> None:
     from sand import datasets
+    from sand.formats import resolve
     from sand.store import Lineage
 
     store = _store()
     with store.lock(datasets.EXPERT):  # import and recompose as one step: a concurrent import waits
-        imported = datasets.import_eto(store, args.path, args.env, Lineage(asset="cli:import"))
+        imported = datasets.import_eto(store, args.path, args.env, Lineage(asset="cli:import"),
+                                       open_env=None if args.no_resolve else resolve.open_env)
         expert = datasets.compose_expert(store, Lineage(asset="cli:import"))
     print(f"imported {imported.row_count} {args.env} trajectories from {args.path} as "
           f"'{imported.ref.dataset}' (version {imported.ref.version}{'' if imported.created else ', unchanged'})")
+    _print_resolution(imported)
     print(f"expert set: {expert.row_count} trajectories (version {expert.ref.version})")
+
+
+def _print_resolution(written) -> None:
+    from sand.formats import resolve
+    from sand.trajectory import from_frame
+
+    for env, c in resolve.counts(from_frame(written.rows)).items():
+        print(f"  {env}: matched {c['matched']}, replayed faithfully {c['replayed']}, diverged {c['diverged']}, "
+              f"unmatched {c['unmatched']}")
+
+
+def cmd_resolve(args) -> None:
+    from sand import datasets
+    from sand.formats import resolve
+    from sand.store import Lineage
+
+    store = _store()
+    written = datasets.resolve_imports(store, resolve.open_env, Lineage(asset="cli:resolve"), args.dataset or None)
+    for w in written:
+        print(f"'{w.ref.dataset}': version {w.ref.version}{'' if w.created else ' (unchanged)'}")
+        _print_resolution(w)
+    if written:
+        expert = datasets.compose_expert(store, Lineage(asset="cli:resolve"))
+        print(f"expert set: {expert.row_count} trajectories (version {expert.ref.version})")
 
 
 def cmd_export(args) -> None:
     from sand import datasets
 
-    path, n = datasets.export_eto(_store(), args.path, dataset=args.dataset, env=args.env, table=args.table)
+    path, n = datasets.export_eto(_store(), args.path, dataset=args.dataset, env=args.env, table=args.table,
+                                  strip=args.strip)
     print(f"wrote {n} trajectories to {path}")
 
 
@@ -65,13 +93,24 @@ def build_parser(extend: Callable | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser("import", help="validate an ETO/ShareGPT file (JSON or JSONL) and add it to the expert set")
     p.add_argument("path")
     p.add_argument("--env", required=True, choices=ENVS)
+    p.add_argument("--no-resolve", action="store_true",
+                   help="skip matching each trajectory to its task and verifying it by replay (`sand resolve` "
+                        "does it later); unresolved trajectories are trained on but never deliberated")
     p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("resolve", help="match imported trajectories to their environment tasks again and verify "
+                                       "them by replay (after new game files, or an import with --no-resolve)")
+    p.add_argument("--dataset", action="append", help="an imported source dataset (repeatable; default: all)")
+    p.set_defaults(func=cmd_resolve)
 
     p = sub.add_parser("export", help="write a trajectory dataset as an ETO file (.json or .jsonl)")
     p.add_argument("path")
     p.add_argument("--dataset", default="expert")
     p.add_argument("--table", default="trajectories", choices=["trajectories", "source_trajectories"])
     p.add_argument("--env", choices=ENVS)
+    p.add_argument("--strip", action="store_true",
+                   help="only ids and conversations, as ETO publishes data (no task id, split, source, reward; "
+                        "ids become <env>_<n>)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("sql", help="query the catalog (views: trajectories, steps, lineage, ...)")

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import polars as pl
 
+from sand.envs.base import Environment
 from sand.errors import SandError
-from sand.formats import eto
+from sand.formats import eto, resolve
 from sand.store import Lineage, Store, WriteResult
 from sand.trajectory import Trajectory, from_frame, to_frame
 
@@ -18,12 +20,16 @@ def import_dataset_name(path: str | Path) -> str:
     return f"import/{Path(path).stem}"
 
 
-def import_eto(store: Store, path: str | Path, env: str, lineage: Lineage) -> WriteResult:
+def import_eto(store: Store, path: str | Path, env: str, lineage: Lineage,
+               open_env: Callable[[str], Environment] | None = None) -> WriteResult:
     """Validate an ETO file and store it as source dataset `import/<file stem>`. All or nothing: every
     record, the size limits, the file's origin and its ids against every other source (so the expert
-    set can be composed) are checked before anything is stored."""
+    set can be composed) are checked before anything is stored. With `open_env` (an environment by name),
+    each trajectory's task is resolved and its replay verified first (sand.formats.resolve); without, they
+    are marked pending (`resolve_imports` does it later)."""
     path = Path(path).resolve()
     trajectories = eto.load_eto(path, env)
+    trajectories = resolve.resolve(trajectories, open_env) if open_env else resolve.pending(trajectories)
     dataset = import_dataset_name(path)
     lineage.metadata.setdefault("file", str(path))
     with store.lock(EXPERT):
@@ -32,6 +38,26 @@ def import_eto(store: Store, path: str | Path, env: str, lineage: Lineage) -> Wr
             raise SandError(f"{path}: an import named '{dataset}' already came from {earlier}; rename the file "
                             "to add it beside that one (importing it again from its own path replaces it)")
         return _write_source(store, dataset, to_frame(trajectories), lineage)
+
+
+def resolve_imports(store: Store, open_env: Callable[[str], Environment], lineage: Lineage,
+                    names: list[str] | None = None) -> list[WriteResult]:
+    """Resolve and verify again the imported source datasets (`names`, default: every `import/...`), each
+    stored as a new version when the outcome changed."""
+    refs = [r for r in store.datasets("source_trajectories")
+            if (r.dataset in names if names else r.dataset.startswith("import/"))]
+    missing = sorted(set(names or ()) - {r.dataset for r in refs})
+    if missing:
+        raise SandError(f"no source datasets {missing}; imported ones: "
+                        f"{[r.dataset for r in store.datasets('source_trajectories') if r.dataset.startswith('import/')]}")
+    written = []
+    for ref in refs:
+        trajectories = resolve.resolve(from_frame(store.read(ref.table, ref.dataset, ref.version)), open_env)
+        step = Lineage(asset=lineage.asset, code_version=lineage.code_version, run_id=lineage.run_id,
+                       inputs=[ref], metadata=dict(lineage.metadata))
+        with store.lock(EXPERT):
+            written.append(_write_source(store, ref.dataset, to_frame(trajectories), step))
+    return written
 
 
 def _imported_from(store: Store, dataset: str) -> str | None:
@@ -94,10 +120,10 @@ def load_trajectories(store: Store, dataset: str = EXPERT, version: str | None =
 
 
 def export_eto(store: Store, path: str | Path, dataset: str = EXPERT, env: str | None = None,
-               table: str = "trajectories") -> tuple[Path, int]:
-    """Write a dataset (optionally one environment's part) as an ETO file."""
+               table: str = "trajectories", strip: bool = False) -> tuple[Path, int]:
+    """Write a dataset (optionally one environment's part) as an ETO file (`strip`: see eto.write_eto)."""
     trajectories = [t for t in load_trajectories(store, dataset, table=table) if env in (None, t.env)]
     if not trajectories:
         raise SandError(f"dataset '{dataset}' has no trajectories" + (f" for env '{env}'" if env else ""))
-    return eto.write_eto(trajectories, path), len(trajectories)
+    return eto.write_eto(trajectories, path, strip), len(trajectories)
 

@@ -97,6 +97,21 @@ TABLES: dict[str, dict[str, pl.DataType]] = {
     "deliberations": DELIBERATIONS_SCHEMA,
 }
 
+# Imported data matched to environment tasks and verified by replay (sand.formats.resolve), per current
+# source dataset and environment.
+RESOLUTION_SUMMARY_SQL = """
+select dataset, env, count(*) as trajectories,
+       count(*) filter (where resolution not in ('unmatched', 'pending')) as matched,
+       count(*) filter (where replay = 'faithful') as replayed,
+       count(*) filter (where replay = 'diverged') as diverged,
+       count(*) filter (where resolution = 'unmatched') as unmatched,
+       count(*) filter (where resolution = 'pending') as pending
+from source_trajectories_current
+where resolution is not null
+group by all
+order by dataset, env
+"""
+
 # Per-split metrics as the paper defines them, over the current evaluation datasets, with the 95% bootstrap
 # interval of avg_reward (null where no interval was recorded for that version of the episodes).
 EVALUATION_SUMMARY_SQL = """

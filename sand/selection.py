@@ -7,6 +7,7 @@ from itertools import chain, zip_longest
 import polars as pl
 
 from sand.envs.base import TaskSpec
+from sand.formats.resolve import FAITHFUL
 from sand.trajectory import Trajectory
 
 
@@ -35,6 +36,7 @@ def spread_tasks(tasks: list[TaskSpec], limit: int | None) -> list[TaskSpec]:
 
 
 def replayable(trajectory: Trajectory) -> bool:
-    """Whether the environments here can replay `trajectory` (imported data names games this machine may
-    not have): only such trajectories are deliberated over."""
-    return trajectory.source in {"gold", "observer", "planner", "sand"}
+    """Whether the environments here can replay `trajectory`: only such trajectories are deliberated over.
+    True for those recorded here (they need no resolution) and, whatever their source, for imported ones
+    matched to a task they replay faithfully in (sand.formats.resolve)."""
+    return trajectory.resolution is None or trajectory.replay == FAITHFUL

@@ -25,6 +25,12 @@ TRAJECTORY_SCHEMA: dict[str, pl.DataType] = {
     "n_steps": pl.Int32,
     "reward": pl.Float64,
     "steps": pl.List(STEP_DTYPE),
+    # Imported data (sand.formats.resolve): how the task was matched ("unmatched", "pending"; null for
+    # trajectories recorded here), the replay's verdict ("faithful" / "diverged") and the first step whose
+    # observation differed.
+    "resolution": pl.Utf8,
+    "replay": pl.Utf8,
+    "diverged_at": pl.Int32,
 }
 
 ENVS = ("sciworld", "alfworld")
@@ -48,6 +54,9 @@ class Trajectory:
     instruction: str
     steps: list[Step] = field(default_factory=list)
     reward: float | None = None  # final score in [0, 1]; None when unknown (some imports)
+    resolution: str | None = None  # how an imported trajectory's task was matched (see TRAJECTORY_SCHEMA)
+    replay: str | None = None
+    diverged_at: int | None = None
 
     def to_row(self) -> dict:
         row = asdict(self)
@@ -59,7 +68,8 @@ class Trajectory:
         return cls(
             id=row["id"], env=row["env"], task=row["task"], task_id=row["task_id"], split=row["split"],
             source=row["source"], instruction=row["instruction"], reward=row["reward"],
-            steps=[Step(**s) for s in row["steps"]],
+            steps=[Step(**s) for s in row["steps"]], resolution=row["resolution"], replay=row["replay"],
+            diverged_at=row["diverged_at"],
         )
 
 

@@ -23,6 +23,7 @@ from sand import datasets
 from sand.errors import SandError
 from sand.envs.base import Environment, TaskSpec
 from sand.experts import record_experts
+from sand.formats import resolve
 from sand.trajectory import Trajectory, from_frame, to_frame
 from sand.validation import trajectory_problems
 from sand.versioning import code_version
@@ -142,18 +143,29 @@ def alfworld_source_trajectories(context: AssetExecutionContext, alfworld: AlfWo
     return dataset_result(written, expert_failures=dropped)
 
 
+def resolution_metadata(written) -> dict[str, int]:
+    """Counts of imported trajectories matched to their task, replayed faithfully, diverged, unmatched (and
+    pending), per environment: `resolution/<env>/<count>`."""
+    return {f"resolution/{env}/{name}": n for env, c in resolve.counts(from_frame(written.rows)).items()
+            for name, n in c.items()}
+
+
 @asset(group_name=GROUP, partitions_def=eto_inbox_partitions, kinds={"python", "parquet"},
-       code_version=code_version("sand.formats.eto", "sand.datasets", "sand.store", prompts=True))
-def imported_trajectories(context: AssetExecutionContext, store: StoreResource) -> MaterializeResult:
-    """An ETO/ShareGPT file from the inbox, validated record by record; a bad file stores nothing."""
+       code_version=code_version("sand.formats.eto", "sand.formats.resolve", "sand.datasets", "sand.store",
+                                 "sand.envs.sciworld", "sand.envs.alfworld", prompts=True))
+def imported_trajectories(context: AssetExecutionContext, store: StoreResource, sciworld: SciWorldResource,
+                          alfworld: AlfWorldResource) -> MaterializeResult:
+    """An ETO/ShareGPT file from the inbox, validated record by record (a bad file stores nothing); each
+    trajectory is matched to its environment task and verified by replay."""
     env, name = context.partition_key.split("/", 1)
     path = store.inbox(env) / name
     lineage = lineage_for(context)
     try:
-        written = datasets.import_eto(store.store(), path, env, lineage)
+        written = datasets.import_eto(store.store(), path, env, lineage,
+                                      open_env=lambda e: sciworld.open() if e == "sciworld" else alfworld.open())
     except SandError as exc:
         raise Failure(description=str(exc)) from None
-    return dataset_result(written)
+    return dataset_result(written, **resolution_metadata(written))
 
 
 @asset(group_name=GROUP, kinds={"python", "parquet"},
@@ -168,7 +180,8 @@ def expert_trajectories(context: AssetExecutionContext, store: StoreResource) ->
     written = datasets.compose_expert(store.store(), lineage)
     context.log.info(f"expert set {written.ref.version}: {written.row_count} trajectories "
                      f"from {len(lineage.inputs)} sources")
-    return dataset_result(written, sources=", ".join(f"{r.dataset}@{r.version}" for r in lineage.inputs))
+    return dataset_result(written, sources=", ".join(f"{r.dataset}@{r.version}" for r in lineage.inputs),
+                          **resolution_metadata(written))
 
 
 @asset_check(asset=expert_trajectories, blocking=True)

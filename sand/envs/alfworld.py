@@ -187,7 +187,10 @@ def store_expert(game_dir: Path, kind: str, actions: list[str]) -> None:
 
 class AlfWorldEnv(Environment):
     name = "alfworld"
-    SPLITS = ("train", "heldout", "valid_seen", "valid_unseen")
+    SPLITS = ("train", "heldout", "valid_seen", "valid_unseen", "real_train")
+    # Real game folders under $ALFWORLD_DATA/json_2.1.1/ (`real_train`: ALFWorld's training games, where
+    # ETO's ALFWorld trajectories were recorded; a full download has them, the copy beside the project not).
+    _REAL_FOLDERS = {"valid_seen": "valid_seen", "valid_unseen": "valid_unseen", "real_train": "train"}
 
     def __init__(self, max_steps: int = 50, expert: str = "observer", games_per_split: int | None = None,
                  train_games_dir: str | Path | None = None, heldout_games_dir: str | Path | None = None,
@@ -214,7 +217,7 @@ class AlfWorldEnv(Environment):
     def split_root(self, split: str) -> Path:
         if split not in self.SPLITS:
             raise SandError(f"ALFWorld has no split '{split}': use one of {', '.join(self.SPLITS)}")
-        return self._generated.get(split) or config.alfworld_data() / "json_2.1.1" / split
+        return self._generated.get(split) or config.alfworld_data() / "json_2.1.1" / self._REAL_FOLDERS[split]
 
     def tasks(self, split: str) -> list[TaskSpec]:
         root = self.split_root(split)

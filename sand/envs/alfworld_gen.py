@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sand import config
-from sand.envs.alfworld import (
+from sand.envs.alfworld_engine import (
     ALFRED_PDDL_PATH,
     ALFRED_TWL2_PATH,
     PLACEMENTS,

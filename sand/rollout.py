@@ -54,6 +54,8 @@ class EpisodeResult:
     request: EpisodeRequest
     instruction: str
     steps: list[Step] = field(default_factory=list)  # prefix + forced action + the agent's steps
+    scores: list[float] = field(default_factory=list)  # the environment's score at the start, then after each step
+    valid: list[bool] = field(default_factory=list)  # per step: the environment accepted its action
     replies: list[str] = field(default_factory=list)  # the agent's raw reply at each of its steps
     reward: float = 0.0  # the environment's normalised score at the end
     done: bool = False
@@ -225,7 +227,7 @@ class RolloutEngine:
         return attempt + 1
 
     def _start(self, request: EpisodeRequest, env: Environment) -> _Live:
-        result = EpisodeResult(request, env.reset(request.task))
+        result = EpisodeResult(request, env.reset(request.task), scores=[env.score])
         forced = [(s.thought, s.action) for s in request.prefix]
         if request.first_action is not None:
             forced.append((request.first_thought, request.first_action))
@@ -235,6 +237,8 @@ class RolloutEngine:
         for thought, action in forced:
             step = env.step(action)
             result.steps.append(Step(thought, action, step.observation))
+            result.scores.append(step.score)
+            result.valid.append(step.valid)
             result.reward, result.done = step.score, step.done
             if step.done:
                 break
@@ -262,11 +266,15 @@ class RolloutEngine:
         if reply.action is None:  # a malformed reply costs a step, as in the paper's harness
             result.format_errors += 1
             result.steps.append(Step(reply.thought, "", FORMAT_ERROR))
+            result.scores.append(result.scores[-1])
+            result.valid.append(False)
         else:
             step = episode.env.step(reply.action)
             result.invalid_actions += not step.valid
             result.invalid_streak = 0 if step.valid else result.invalid_streak + 1
             result.steps.append(Step(reply.thought, reply.action, step.observation))
+            result.scores.append(step.score)
+            result.valid.append(step.valid)
             result.reward, result.done = step.score, step.done
         result.done = result.done or len(result.steps) >= episode.limit
         cap = result.request.max_invalid_streak

@@ -69,16 +69,27 @@ CANDIDATES_SCHEMA: dict[str, pl.DataType] = {
     "trajectory_id": pl.Utf8, "step": pl.Int32, "expert_action": pl.Utf8, "candidates": _TEXTS,
     "n_samples": pl.Int32, "format_errors": pl.Int32, "uncertain": pl.Boolean, "samples": _TEXTS,
 }
+# Execution evidence of a candidate (sand.sand_loop.critique): accepted by the environment, the score before it,
+# right after it and at the end of its rollout, won, and the evidence verdict its rule derives from these.
+_SCORES = {"score_before": pl.Float64, "score_after": pl.Float64}
 ROLLOUTS_SCHEMA: dict[str, pl.DataType] = {
     **_KEY, "executed": pl.Utf8, "thoughts": _TEXTS, "actions": _TEXTS, "observations": _TEXTS,
     "reward": pl.Float64, "steps": pl.Int32, "done": pl.Boolean, "agent": pl.Utf8,
+    "valid": pl.Boolean, **_SCORES, "won": pl.Boolean, "evidence": pl.Utf8,
 }
 CRITIQUES_SCHEMA: dict[str, pl.DataType] = {
     **_KEY, "verdict": pl.Utf8, "verdict_inferred": pl.Boolean, "text": pl.Utf8, "critic": pl.Utf8,
+    "insight_written": pl.Boolean, "valid": pl.Boolean, "observation": pl.Utf8, **_SCORES, "score_end": pl.Float64,
+    "won": pl.Boolean, "steps": pl.Int32, "evidence": pl.Utf8,
+    "agrees": pl.Boolean,  # the critic's verdict is the evidence verdict
 }
 DELIBERATIONS_SCHEMA: dict[str, pl.DataType] = {
     "trajectory_id": pl.Utf8, "step": pl.Int32, "thought": pl.Utf8, "answer": pl.Utf8, "candidates": _TEXTS,
     "fallback": pl.Boolean, "retried": pl.Boolean, "mode": pl.Utf8,
+    "rejection": pl.Utf8,  # why the writer's last thought was rejected (null: accepted)
+    "repeated": pl.Boolean,  # a thought the writer wrote repeated a sentence
+    "named": pl.Int32,  # distinct candidates the stored thought names in double quotes
+    "valid": pl.Boolean,  # the stored thought passes the validator (fallbacks included)
 }
 
 

@@ -40,6 +40,7 @@ from sand.models.serving import (
 )
 from sand.rollout import RolloutEngine
 from sand.sand_loop.critique import critique_candidates
+from sand.sand_loop.quality import critique_quality, deliberation_quality
 from sand.sand_loop.sampling import STOP, sample_candidates
 from sand.sand_loop.synthesis import synthesize as synthesize_deliberations
 from sand.sand_loop.tables import (
@@ -216,6 +217,7 @@ def critique(exp: Experiment, store: Store, k: int, backends: BackendFactory, en
         critic_id = critic_identity(exp)
         work = work_dir(store, "critiques", code, candidates=candidates_ref.version, data=data.version,
                         critic=critic_id, agent=agent_identity(exp, checkpoint_path), backend=exp.backend.model_dump(),
+                        critic_backend=s.critic_backend.model_dump() if s.critic_backend else None,
                         temperature=s.temperature, seed=s.seed, rollout_max_steps=s.rollout_max_steps,
                         critic_max_new_tokens=s.critic_max_new_tokens, max_new_tokens=exp.evaluation.max_new_tokens,
                         history=exp.train.history_steps, envs=envs.settings)
@@ -254,8 +256,7 @@ def critique(exp: Experiment, store: Store, k: int, backends: BackendFactory, en
                                                           critic=critic_model(exp)))
     verdicts = dict(df.group_by("verdict").len().iter_rows()) if df.height else {}
     return StageResult({"rollouts": rollouts_written, "critiques": written}, {
-        "rollouts": len(rollouts), "critiques": df.height,
-        "inferred_verdicts": int(df["verdict_inferred"].sum()) if df.height else 0,
+        "rollouts": len(rollouts), "critiques": df.height, **critique_quality(critiques),
         **{f"verdict/{v}": n for v, n in verdicts.items()}})
 
 
@@ -284,7 +285,7 @@ def synthesize(exp: Experiment, store: Store, k: int, backends: BackendFactory, 
     log(f"{len(result.deliberations)} deliberations, {result.fallbacks} fallbacks")
     return StageResult({"deliberations": deliberations, "trajectories": written}, {
         "deliberations": len(result.deliberations), "fallbacks": result.fallbacks, "retries": result.retries,
-        "switched": len(result.switched)})
+        "switched": len(result.switched), **deliberation_quality(result.deliberations)})
 
 
 def train_here(plan: TrainPlan) -> dict:

@@ -1,7 +1,8 @@
 """The SAND loop's engine stages on real environments: two generated ALFWorld games and one
 ScienceWorld variation, with tiny models. The agent pi_k is the tiny model trained here for a few
 seconds on the expert steps, so that its samples are actions (varied ones: it is far from converged);
-the writer pi_base is the untrained tiny model, whose replies never pass validation (fallback path)."""
+the writer pi_base is the untrained tiny model, whose replies never pass validation (fallback path).
+Tests marked slow put the real default model (SmolLM2-135M) in the critic's and the writer's place."""
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -13,10 +14,10 @@ from conftest import replay
 from sand.envs.alfworld import AlfWorldEnv
 from sand.envs.alfworld_gen import generate_games
 from sand.envs.sciworld import ScienceWorldEnv
-from sand import stages
 from sand.evaluation import is_deliberation
 from sand.experiment import EvalConfig, Experiment, SandConfig
 from sand.experts import record_expert
+from sand import prompts, stages
 from sand.models.backends import SamplingParams, TransformersBackend
 from sand.models.registry import tiny_model
 from sand.react import assistant_turn, conversation
@@ -30,15 +31,19 @@ from sand.sand_loop.critique import (
     candidate_key,
     critique_candidates,
     critique_prompt,
-    infer_verdict,
-    parse_verdict,
+    evidence_insight,
+    evidence_text,
+    evidence_verdict,
+    pick_examples,
+    task_goal,
 )
+from sand.sand_loop.quality import critique_quality, deliberation_quality
 from sand.sand_loop.sampling import (
     StepCandidates,
     collect_candidates,
     sample_candidates,
 )
-from sand.sand_loop.synthesis import dataset_id, synthesize, validate
+from sand.sand_loop.synthesis import check, dataset_id, synthesize, validate
 from sand.sand_loop.tables import (
     candidates_frame,
     candidates_from_frame,
@@ -49,6 +54,7 @@ from sand.sand_loop.tables import (
     rollouts_frame,
     rollouts_from_frame,
 )
+from sand.sand_loop.texts import echoes, repeats_sentence
 from sand.schemas import CHECKPOINT_SCHEMA
 from sand.store import Lineage, Store
 from sand.trajectory import from_frame, to_frame
@@ -132,22 +138,38 @@ def test_normalisation_and_dedup_on_handmade_samples():
     assert confident.candidates == ["open drawer 1"] and not confident.uncertain and confident.format_errors == 0
 
 
-@pytest.mark.parametrize("reply, verdict", [
-    ("Verdict: hindered\nInsight: If I open the fridge first, I waste a step.", "hindered"),
-    ("Verdict: No effect.", "no effect"),
-    ("Verdict: (advanced, hindered or no effect)", None),  # the format line echoed
-    ("It did not advance the task at all.", "no effect"),
-    ("This clearly advanced my goal.", "advanced"),
-    ("Verdict:\nThe agent's task was to look around.", None),
-    ("Verdict:\nhindered\nInsight: If I wait, nothing will advance.", "hindered"),
+def rollout(action="go to desk 1", valid=True, before=0.0, after=0.0, end=0.0, done=False, steps=3) -> Rollout:
+    """A rollout with the evidence given (the rest does not matter to the rule)."""
+    return Rollout("t", 2, "d", action, "traj", 2, action, [""] * steps, [action] + ["look"] * (steps - 1),
+                   ["You see a desk."] * steps, end, done, "base", valid, before, after, end >= 1.0, "")
+
+
+@pytest.mark.parametrize("case, expert, verdict", [
+    (dict(valid=False, end=1.0), None, "hindered"),  # not accepted: what followed is not its doing
+    (dict(end=1.0, done=True), None, "advanced"),  # won
+    (dict(before=0.2, after=0.2, end=0.5), None, "advanced"),  # the score rose later in the rollout
+    (dict(before=0.2, after=0.3, end=0.3), None, "advanced"),  # ... or right away
+    (dict(before=0.5, after=0.2, end=0.2), None, "hindered"),  # the score fell
+    (dict(before=0.2, after=0.2, end=0.2, done=True, steps=2), dict(done=True, steps=4), "hindered"),  # lost sooner
+    (dict(before=0.2, after=0.2, end=0.2, done=True, steps=2), dict(done=False, steps=4), "hindered"),
+    (dict(before=0.2, after=0.2, end=0.2, done=True, steps=4), dict(done=True, steps=4), "no effect"),  # not sooner
+    (dict(before=0.2, after=0.2, end=0.2, steps=4), dict(done=True, steps=2), "no effect"),  # capped, not lost
+    (dict(before=0.2, after=0.2, end=0.2), None, "no effect"),
 ])
-def test_verdict_parsing(reply, verdict):
-    assert parse_verdict(reply) == verdict
+def test_evidence_rule(case, expert, verdict):
+    r = rollout(**case)
+    assert evidence_verdict(r, rollout("open drawer 1", **expert) if expert else None) == verdict
+    assert evidence_verdict(r, r) == evidence_verdict(r, None)  # the expert's own rollout is never "sooner"
 
 
-def test_verdict_inference_compares_with_the_other_candidates():
-    assert infer_verdict(1.0, [0.0, 0.5]) == "advanced" and infer_verdict(0.0, [0.0, 0.5]) == "hindered"
-    assert infer_verdict(0.5, [0.5]) == infer_verdict(0.5, []) == "no effect"
+def test_evidence_insight_says_what_the_evidence_shows():
+    assert evidence_insight(rollout(valid=False)) == "If I go to desk 1 here, nothing happens and I lose a step."
+    assert "complete the task" in evidence_insight(rollout(end=1.0, done=True))
+    assert "score goes up" in evidence_insight(rollout(before=0.2, after=0.5, end=0.5))
+    failed = rollout(before=0.2, after=0.2, end=0.2, done=True, steps=2)
+    failed.evidence = "hindered"
+    assert "ends in failure" in evidence_insight(failed)
+    assert "does not progress" in evidence_insight(rollout())
 
 
 def test_sampling_finds_uncertain_steps_in_batches(sampled, alf, sci):
@@ -190,42 +212,80 @@ def test_critique_rolls_out_every_candidate_in_the_real_environment(alf_critique
     assert {r.key for r in rollouts} == expected == {c.key for c in critiques}
     # Critiques go out in batches (a step is critiqued once all its rollouts have ended).
     assert len(batches) >= 2 and sum(len(c) for _, c in batches) == len(expected)
+    by_key = {r.key: r for r in rollouts}
     with AlfWorldEnv(train_games_dir=alf_dir) as env:
         for r in rollouts:
             t = by_id[r.trajectory_id]
             is_expert = r.action == normalize(t.steps[r.step].action, t.env)
             assert r.executed == (t.steps[r.step].action if is_expert else r.action)
             task = next(task for task in env.tasks("train") if task.task_id == t.task_id)
-            prefix = [s.action for s in t.steps[:r.step]]
-            # The first observation is the environment's own answer to the candidate after the prefix.
-            assert r.observations[0] == replay(env, task, prefix + [r.executed]).observation
+            env.reset(task)
+            for s in t.steps[:r.step]:
+                env.step(s.action)
+            before = env.score
+            result = env.step(r.executed)
+            # The evidence is the environment's own answer to the candidate after the prefix.
+            assert (r.observations[0], r.valid, r.score_before, r.score_after) == \
+                (result.observation, result.valid, before, result.score)
             assert r.actions[0] == r.executed and 1 <= len(r.actions) <= 3 and r.agent == "base"
+            assert r.won == (r.reward >= 1)
+            expert = by_key[candidate_key(t, r.step, t.steps[r.step].action)]
+            assert r.evidence == evidence_verdict(r, expert)
     for c in critiques:
-        assert c.verdict in VERDICTS and c.critic == "base" and c.text.startswith("Verdict:")
-        assert c.verdict_inferred == (parse_verdict(c.text) is None)
-    assert any(c.verdict_inferred for c in critiques)  # the untrained critic names no verdict
+        r = by_key[c.key]
+        assert c.verdict in VERDICTS and c.critic == "base" and not c.verdict_inferred  # chosen under constraint
+        assert (c.valid, c.observation, c.score_before, c.score_after, c.score_end, c.won, c.steps, c.evidence) == \
+            (r.valid, r.observations[0], r.score_before, r.score_after, r.reward, r.won, len(r.actions), r.evidence)
+        verdict_line, insight_line = c.text.split("\n")
+        assert verdict_line == f"Verdict: {c.verdict}" and insight_line.startswith("Insight: If I ")
+        # The untrained critic's insights are noise: replaced by the evidence's own.
+        assert c.insight_written or insight_line == f"Insight: {evidence_insight(r)}"
+        assert_no_echo(c, r, by_id[r.trajectory_id])
+    figures = critique_quality(critiques)
+    assert figures["verdicts_written"] == len(critiques) and figures["written_verdict_rate"] == 1.0
+    assert figures["verdict_agreement"] == round(sum(c.verdict == c.evidence for c in critiques) / len(critiques), 4)
+    assert sum(figures[f"evidence/{v}"] for v in VERDICTS) == len(critiques)
 
 
-def test_critique_prompt_carries_goal_history_candidate_and_outcome(alf_critiques, alf, writer):
+def assert_no_echo(critique: Critique, rollout: Rollout, trajectory) -> None:
+    """No critique text copies its prompt: the instruction, the candidate's evidence, or a format line."""
+    insight = critique.text.split("Insight:", 1)[1]
+    assert not echoes(insight, prompts.load("critique") + "\n" + evidence_text(task_goal(trajectory.instruction),
+                                                                                rollout), (rollout.action,))
+    assert "..." not in critique.text and "advanced, hindered" not in critique.text
+    assert critique.text.count("Verdict:") == 1 and critique.text.count("Insight:") == 1
+    assert not repeats_sentence(insight)
+
+
+def test_critique_prompt_is_compact_evidence_after_examples_from_the_run(alf_critiques, alf, writer):
     _, rollouts, _, _, _ = alf_critiques
     r = max(rollouts, key=lambda r: r.prefix_len)
     t = next(t for t in alf if t.id == r.trajectory_id)
-    prompt = critique_prompt(writer, t, r)
-    assert t.instruction.split("Your task is to: ")[1].strip() in prompt
-    assert f'the action "{r.action}"' in prompt and r.observations[0][:60] in " ".join(prompt.split())
-    assert all(f'I did "{s.action}"' in prompt for s in t.steps[:r.prefix_len][-5:])
-    assert "Verdict:" in prompt and "If I" in prompt
+    examples = pick_examples(rollouts, r)
+    assert len({e.evidence for e in examples}) == len(examples) >= 1  # one per verdict
+    assert all(e.key[:3] != r.key[:3] and e.action != r.action for e in examples)  # never the judged step
+    goals = [(task_goal(next(x for x in alf if x.id == e.trajectory_id).instruction), e) for e in examples]
+    prompt = critique_prompt(writer, task_goal(t.instruction), r, goals)
+    assert prompt.endswith("Verdict:") and t.instruction.split("Your task is to: ")[1].strip() in prompt
+    assert f"Action: {r.action}\n" in prompt and r.observations[0][:60] in " ".join(prompt.split())
+    assert f"{round(100 * r.score_before)} before, {round(100 * r.score_after)} right after" in prompt
+    for e in examples:  # each example answered with its evidence verdict and the evidence's insight
+        assert f"Verdict: {e.evidence}\nInsight: {evidence_insight(e)}" in prompt
+    # Evidence, not a transcript: neither the expert's history nor the rollout's later steps are shown.
+    assert not any(f'"{s.action}"' in prompt for s in t.steps[:r.prefix_len])
+    assert "If I ..." not in prompt and "(advanced, hindered or no effect)" not in prompt
 
 
 def test_critique_resumes_from_finished_keys(alf_critiques, alf, writer):
     steps, rollouts, _, _, engine = alf_critiques
-    rewards = {r.key: r.reward for r in rollouts}
-    assert critique_candidates(engine, writer, alf, steps, rollout_max_steps=2, done=rewards) == ([], [])
+    finished = {r.key: r for r in rollouts}
+    assert critique_candidates(engine, writer, alf, steps, rollout_max_steps=2, done=finished) == ([], [])
     missing = rollouts[-1].key
-    del rewards[missing]
-    again, judged = critique_candidates(engine, writer, alf, steps, rollout_max_steps=2, done=rewards,
+    del finished[missing]
+    again, judged = critique_candidates(engine, writer, alf, steps, rollout_max_steps=2, done=finished,
                                         max_new_tokens=16)
     assert [r.key for r in again] == [c.key for c in judged] == [missing]
+    assert again[0].evidence in VERDICTS  # judged against the finished expert rollout of its step
 
 
 def test_synthesis_falls_back_and_dk_keeps_everything_else(writer, alf, sampled, alf_critiques):
@@ -236,12 +296,23 @@ def test_synthesis_falls_back_and_dk_keeps_everything_else(writer, alf, sampled,
     assert [(d.trajectory_id, d.step) for d in result.deliberations] == [(c.trajectory_id, c.step) for c in uncertain]
     # The untrained writer never concludes with the answer: retried once, then templated.
     assert result.fallbacks == result.retries == len(uncertain)
-    critiqued = {(c.trajectory_id, c.step) for c in critiques}
+    by_key = {c.key: c for c in critiques}
     for d, c in zip(result.deliberations, uncertain):
         assert d.thought.startswith(DELIBERATION_PREFIX) and is_deliberation(d.thought) and d.mode == "sand"
         assert d.answer == c.expert_action and sorted(d.candidates) == sorted(c.candidates)
-        assert validate(d.thought, d.answer, d.candidates, "alfworld") == d.thought  # fallbacks are valid too
-        assert ("it would" in d.thought) == ((d.trajectory_id, d.step) in critiqued)  # foresight from critiques
+        assert d.valid and d.named == len(c.candidates) >= 2 and d.rejection is not None, d.thought
+        t = next(t for t in alf if t.id == d.trajectory_id)
+        judged = {a: by_key.get(candidate_key(t, d.step, a)) for a in c.candidates}
+        evidence = {a: j.evidence for a, j in judged.items() if j}
+        assert validate(d.thought, d.answer, d.candidates, "alfworld", evidence) == d.thought  # fallbacks are valid
+        assert d.thought.endswith(f'So I will "{normalize(d.answer, "alfworld")}".') and not repeats_sentence(d.thought)
+        for a, j in judged.items():  # written from the evidence: each candidate with what executing it showed
+            if j:
+                assert f'"{a}" is not possible here' in d.thought if not j.valid else \
+                    f'"{a}" would show "{j.observation.replace(chr(34), chr(39))[:40]}' in " ".join(d.thought.split())
+    figures = deliberation_quality(result.deliberations)
+    assert figures["fallback_rate"] == 1.0 and figures["deliberation_validity_rate"] == 1.0
+    assert figures["distinct_candidates_per_deliberation"] >= 2
     deliberating = {(d.trajectory_id, d.step): d.thought for d in result.deliberations}
     assert result.switched == [] and len(result.dataset) == len(alf)
     for old, new in zip(alf, result.dataset):
@@ -258,12 +329,35 @@ def test_validation_accepts_a_good_thought_and_cuts_what_follows_the_conclusion(
             'So I will "open drawer 2". Then maybe I will go to desk 1.')
     cut = validate(good, "open drawer 2", ["open drawer 2", "go to desk 1"], "alfworld")
     assert cut == good[:good.index(" Then")]
-    assert validate(f'{DELIBERATION_PREFIX} "open drawer 2" is good.', "open drawer 2",
-                    ["open drawer 2", "go to desk 1"], "alfworld") is None  # one candidate only
-    assert validate(f'{DELIBERATION_PREFIX} "go to desk 1" or "look".', "open drawer 2",
-                    ["open drawer 2", "go to desk 1"], "alfworld") is None  # no conclusion
     invented = f'{DELIBERATION_PREFIX} I could "look" or "go to desk 1", but I will "put mug 1 on desk 1".'
     assert validate(invented, "put mug 1 in/on desk 1", None, "alfworld") == invented
+
+
+CANDIDATES = ["go to drawer 1", "go to drawer 2", "open drawer 1"]
+
+
+@pytest.mark.parametrize("thought, reason", [
+    # The degenerate writer of a quickstart: one sentence over and over.
+    ('I will "go to drawer 1". I will "go to drawer 1". I will "go to drawer 2". I will "go to drawer 1".',
+     "repeats a sentence"),
+    ('I see three. "open drawer 1" is closed. "Open drawer 1" is closed! So I will "go to drawer 1".',
+     "repeats a sentence"),
+    ('"go to drawer 2" helps. So I will "go to drawer 1".', None),
+    ('It is good. So I will "go to drawer 1".', "names fewer than two candidates in quotes"),
+    ('Going to drawer 2 or opening drawer 1. So I will "go to drawer 1".', "names fewer than two candidates in quotes"),
+    ('"go to drawer 2" or "open drawer 1" could work.', "does not conclude at the answer"),
+    ('"open drawer 1" is the best next step. So I will "go to drawer 1".',
+     'calls "open drawer 1" good, but its evidence says it hindered'),
+    ('"go to drawer 2" would be a waste of time. So I will "go to drawer 1".',
+     'calls "go to drawer 2" bad, but its evidence says it advanced'),
+    ('"open drawer 1" did not help at all, and "go to drawer 2" is not bad. So I will "go to drawer 1".', None),
+    ('"open drawer 1" would not be useful. "go to drawer 2" could help. So I will "go to drawer 1".', None),
+])
+def test_validator_rejects_degenerate_and_untrue_thoughts(thought, reason):
+    evidence = {"go to drawer 1": "no effect", "go to drawer 2": "advanced", "open drawer 1": "hindered"}
+    text = f"{DELIBERATION_PREFIX} {thought}"
+    cut, why = check(text, "go to drawer 1", CANDIDATES, "alfworld", evidence)
+    assert why == reason and (cut is None) == (reason is not None)
 
 
 def test_expert_switch_adopts_a_better_candidate_and_its_rollout(writer, alf):
@@ -277,9 +371,13 @@ def test_expert_switch_adopts_a_better_candidate_and_its_rollout(writer, alf):
         key = candidate_key(t, step, action)
         rollouts.append(Rollout(*key, trajectory_id=t.id, step=step, executed=action if reward else expert,
                                 thoughts=["", "x", "done"], actions=[action, "", "use desklamp 1"],
-                                observations=["o1", "invalid format", "o3"], reward=reward, done=True, agent="a"))
-    critiques = [Critique(*r.key, trajectory_id=t.id, step=step, verdict="no effect", verdict_inferred=True, text="",
-                          critic="base") for r in rollouts]
+                                observations=["o1", "invalid format", "o3"], reward=reward, done=True, agent="a",
+                                valid=True, score_before=0.0, score_after=0.0, won=reward >= 1,
+                                evidence="advanced" if reward else "no effect"))
+    critiques = [Critique(*r.key, trajectory_id=t.id, step=step, verdict="no effect", verdict_inferred=False,
+                          text="", critic="base", insight_written=False, valid=True, observation=r.observations[0],
+                          score_before=0.0, score_after=0.0, score_end=r.reward, won=r.won, steps=3,
+                          evidence=r.evidence) for r in rollouts]
     kept = synthesize(writer, [t], candidates, critiques, rollouts, max_new_tokens=8).dataset[0]
     assert [s.action for s in kept.steps] == [s.action for s in t.steps]
     result = synthesize(writer, [t], candidates, critiques, rollouts, expert_switch=True, max_new_tokens=8)
@@ -368,3 +466,41 @@ def test_full_iteration_on_sciworld_and_tables_round_trip(agent, home, sci, tmp_
         df = to_frame(items)
         assert df.height == len(items) and from_frame(df) == items
     assert rollouts_frame(result.rollouts)["steps"].to_list() == [len(r.actions) for r in result.rollouts]
+
+
+def test_ablation_deliberations_name_two_candidates_and_conclude(writer, alf, sampled):
+    """Without critiques (the writer weighs the sampled candidates) and without sampling (it invents the
+    alternatives; failing that, the fallback takes other actions of the trajectory), every deliberation is valid."""
+    candidates = [c for c in sampled if c.trajectory_id in {t.id for t in alf}]
+    for result, names in ((synthesize(writer, alf, candidates, None, max_new_tokens=24), True),
+                          (synthesize(writer, alf[:1], None, max_new_tokens=24), False)):
+        assert result.deliberations and all(d.valid and d.named >= 2 for d in result.deliberations)
+        for d in result.deliberations:
+            answer = normalize(d.answer, "alfworld")
+            assert d.thought.endswith(f'So I will "{answer}".') and not repeats_sentence(d.thought)
+            assert validate(d.thought, d.answer, d.candidates if names else None, "alfworld") == d.thought
+
+
+@pytest.fixture(scope="module")
+def smollm2(home):
+    """The real default model (SmolLM2-135M-Instruct) as critic and writer."""
+    from sand.models.registry import resolve_model
+
+    return TransformersBackend(resolve_model("smollm2-135m"), batch_size=8)
+
+
+@pytest.mark.slow
+def test_the_real_critic_and_writer_write_grounded_texts(smollm2, agent, alf, alf_dir, sampled):
+    steps = [c for c in sampled if c.uncertain and c.trajectory_id in {t.id for t in alf}][:3]
+    with RolloutEngine(agent, lambda: AlfWorldEnv(train_games_dir=alf_dir), pool_size=2,
+                       params=SamplingParams(temperature=1.0, max_new_tokens=48)) as engine:
+        rollouts, critiques = critique_candidates(engine, smollm2, alf, steps, rollout_max_steps=2)
+    by_id, by_key = {t.id: t for t in alf}, {r.key: r for r in rollouts}
+    assert critiques and all(not c.verdict_inferred for c in critiques)
+    for c in critiques:
+        assert_no_echo(c, by_key[c.key], by_id[c.trajectory_id])
+    result = synthesize(smollm2, alf, steps, critiques, rollouts)
+    for d in result.deliberations:
+        assert d.valid and d.named >= 2 and not repeats_sentence(d.thought)
+        assert d.thought.endswith(f'So I will "{normalize(d.answer, "alfworld")}".') or \
+            normalize(d.thought.rsplit('"', 2)[-2], "alfworld") == normalize(d.answer, "alfworld")

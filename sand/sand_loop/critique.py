@@ -2,9 +2,16 @@
 
 Every candidate (the expert action included) is executed after the expert prefix and the agent pi_k
 plays on (temperature 1.0, through the rollout engine, at most `rollout_max_steps` agent steps after
-the candidate). The frozen base model pi_base then judges, at temperature 0, whether the candidate
-advanced, hindered or did not affect the task, and writes one reusable insight as the agent's own
-foresight ("If I ..., ...").
+the candidate). What execution showed is the candidate's evidence: whether the environment accepted it,
+its observation, the score before it, right after it and at the end of the rollout, whether the task
+was won, and the steps taken. `evidence_verdict` turns the evidence into a verdict by a fixed rule.
+
+The critic (pi_base, or the experiment's `sand.critic_model`) then sees that evidence compactly, never
+the rollout's transcript, after a few examples taken from this run's own rollouts (each with its evidence
+verdict and an insight written from its evidence). It chooses its verdict among the three words under
+constraint (`Backend.choose`), then writes one reusable insight as the agent's own foresight, forced to
+start with "If I" and cut at the end of the line. An insight that copies the prompt (or says nothing) is
+replaced by one written from the evidence (`evidence_insight`), so no critique text is an echo.
 
 Work is keyed by `CandidateKey` (task, expert prefix, normalised action): identical branch points of
 different trajectories run once, and a rerun given the finished keys skips them.
@@ -24,18 +31,13 @@ from sand.models.backends import Backend, SamplingParams
 from sand.rollout import EpisodeRequest, EpisodeResult, RolloutEngine
 from sand.sand_loop.actions import normalize
 from sand.sand_loop.sampling import StepCandidates
+from sand.sand_loop.texts import echoes, repeats_sentence, sentences, words
 from sand.trajectory import Trajectory
 
 VERDICTS = ("advanced", "hindered", "no effect")
-REPLY_START = "Verdict:"  # the critic's reply is started for it: small models otherwise echo the prompt
-# Words that name a verdict; "did not advance" is no effect, not advanced.
-_VERDICT_WORDS = {
-    "advanced": re.compile(r"(?<!not )(?<!n't )\badvanc", re.IGNORECASE),
-    "hindered": re.compile(r"\bhinder", re.IGNORECASE),
-    "no effect": re.compile(r"\bno (?:real )?(?:effect|impact)|\bnot (?:affect|advance|change|help)|"
-                            r"n't (?:affect|advance|change|help)|\bneutral\b", re.IGNORECASE),
-}
-_VERDICT = re.compile(r"verdict\W*[:\-](.*?)(?:insight\W*:|\Z)", re.IGNORECASE | re.DOTALL)
+VERDICT_CUE = "Verdict:"  # the critic's reply is started for it; the verdict is chosen right after
+INSIGHT_CUE = "Insight: If I"  # the insight is forced to start as the agent's own foresight
+EXAMPLES = 3  # examples from this run's rollouts before the critiqued candidate (at most one per verdict)
 _GOAL = re.compile(r"Your task is to:?\s*(.+)")
 
 
@@ -58,9 +60,14 @@ class Rollout:
     thoughts: list[str]  # from the candidate on: the candidate's step, then the agent's
     actions: list[str]  # "" where the agent's reply had no action (a format error)
     observations: list[str]
-    reward: float  # the episode's final score
+    reward: float  # the episode's score at the end of the rollout
     done: bool  # the episode ended (goal, failure, the task's limit); False when the rollout cap stopped it
     agent: str  # the agent that rolled out: "base" or its adapter identity
+    valid: bool  # the environment accepted the candidate
+    score_before: float  # the episode's score after the expert prefix
+    score_after: float  # right after the candidate
+    won: bool  # the task was completed within the rollout
+    evidence: str  # the evidence verdict (evidence_verdict), one of VERDICTS
 
     @property
     def key(self) -> CandidateKey:
@@ -75,14 +82,51 @@ class Critique:
     action: str
     trajectory_id: str
     step: int
-    verdict: str  # one of VERDICTS
-    verdict_inferred: bool  # the critic named no verdict: inferred from rollout rewards
-    text: str  # the critic's reply
+    verdict: str  # the critic's, one of VERDICTS
+    verdict_inferred: bool  # the critic's backend could not choose a verdict: the evidence verdict stands in
+    text: str  # "Verdict: ...\nInsight: If I ..."
     critic: str  # the critic model's id
+    insight_written: bool  # the insight is the critic's (False: it echoed the prompt; written from the evidence)
+    # The evidence the critic saw (as in the candidate's rollout row).
+    valid: bool
+    observation: str
+    score_before: float
+    score_after: float
+    score_end: float
+    won: bool
+    steps: int  # steps taken in the rollout, the candidate's included
+    evidence: str  # the evidence verdict
 
     @property
     def key(self) -> CandidateKey:
         return CandidateKey(self.task_id, self.prefix_len, self.prefix_digest, self.action)
+
+    @property
+    def agrees(self) -> bool:
+        """The critic's verdict is the evidence verdict."""
+        return self.verdict == self.evidence
+
+
+def evidence_verdict(rollout: Rollout, expert: Rollout | None) -> str:
+    """The verdict execution shows, by this rule, first match wins:
+
+    1. hindered: the environment did not accept the candidate (nothing the agent did afterwards is its doing);
+    2. advanced: the task was won, or the score rose (at the end of the rollout above the score before it);
+    3. hindered: the score fell, or the episode ended unwon in fewer steps than the expert action's rollout
+       (or while the expert's was still going);
+    4. no effect: otherwise.
+    `expert` is the rollout of the step's expert action (None or `rollout` itself for the expert's own).
+    """
+    if not rollout.valid:
+        return "hindered"
+    if rollout.won or rollout.reward > rollout.score_before:
+        return "advanced"
+    if min(rollout.score_after, rollout.reward) < rollout.score_before:
+        return "hindered"
+    if expert is not None and expert is not rollout and rollout.done and not rollout.won and \
+            (not expert.done or len(rollout.actions) < len(expert.actions)):
+        return "hindered"
+    return "no effect"
 
 
 def candidate_key(trajectory: Trajectory, step: int, action: str) -> CandidateKey:
@@ -102,7 +146,7 @@ def _clip(text: str, limit: int) -> str:
 
 
 def history_text(trajectory: Trajectory, step: int, last: int = 5) -> str:
-    """The expert prefix before `step` as the critic and the synthesis writer read it: the start, then the
+    """The expert prefix before `step` as the synthesis writer reads it: the start, then the
     `last` most recent steps with clipped observations (the full prefix would not fit a small model)."""
     lines = [f"At the start: {_clip(trajectory.instruction, 500)}"]
     if step > last:
@@ -112,70 +156,118 @@ def history_text(trajectory: Trajectory, step: int, last: int = 5) -> str:
     return "\n".join(lines)
 
 
-def rollout_summary(rollout: Rollout, shown: int = 6) -> str:
-    """What followed the candidate, compactly: the agent's next actions and their results."""
-    rest = list(zip(rollout.actions[1:], rollout.observations[1:]))
-    lines = [f'- "{a}": {_clip(o, 100)}' if a else "- (an unreadable reply, nothing happened)"
-             for a, o in rest[:shown]]
-    if len(rest) > shown:
-        lines.append(f"- ... and {len(rest) - shown} more steps")
-    ending = "The task was completed." if rollout.reward >= 1 else \
-        ("The episode ended." if rollout.done else "The episode was still going.")
-    return "\n".join(lines or ["- nothing (the episode ended)"]) + f"\n{ending}"
+def evidence_text(goal: str, rollout: Rollout) -> str:
+    """The evidence of one candidate as the critic reads it: a few lines, no transcript."""
+    before, after, end = (round(100 * x) for x in (rollout.score_before, rollout.score_after, rollout.reward))
+    later = len(rollout.actions) - 1
+    ending = (f"the task was completed {later} steps after the action" if rollout.won else
+              f"the episode ended in failure {later} steps after the action" if rollout.done else
+              f"the task was not completed in the {later} steps after the action")
+    return (f"Task: {goal}\nAction: {rollout.action}\nAccepted: {'yes' if rollout.valid else 'no'}\n"
+            f"Result: {_clip(observation(rollout), 200)}\n"
+            f"Score: {before} before, {after} right after, {end} at the end\nThen: {ending}")
 
 
-def critique_prompt(critic: Backend, trajectory: Trajectory, rollout: Rollout, history_steps: int = 5) -> str:
-    text = prompts.load("critique").format(
-        goal=task_goal(trajectory.instruction), history=history_text(trajectory, rollout.prefix_len, history_steps),
-        action=rollout.action, first_observation=_clip(rollout.observations[0], 400),
-        rollout=rollout_summary(rollout), score=round(100 * rollout.reward))
-    return critic.render([{"role": "user", "content": text}]) + REPLY_START
+def observation(rollout: Rollout) -> str:
+    """The environment's answer to the candidate ("" when the expert prefix ended the episode before it)."""
+    return rollout.observations[0] if rollout.observations else ""
 
 
-def parse_verdict(text: str) -> str | None:
-    """The verdict the critic named: between "Verdict:" and "Insight:" if it wrote them, else anywhere in
-    its reply; None when it names none or several (e.g. it echoed the list of choices)."""
-    match = _VERDICT.search(text)
-    scope = match.group(1) if match else text
-    named = [v for v, pattern in _VERDICT_WORDS.items() if pattern.search(scope)]
-    return named[0] if len(named) == 1 else None
+def evidence_insight(rollout: Rollout) -> str:
+    """An insight written from the evidence alone: what the candidate led to, as the agent's own foresight."""
+    if not rollout.valid:
+        outcome = "nothing happens and I lose a step"
+    elif rollout.won:
+        outcome = "I can go on to complete the task"
+    elif rollout.score_after > rollout.score_before:
+        outcome = "the score goes up right away"
+    elif rollout.reward > rollout.score_before:
+        outcome = "the score goes up later on"
+    elif min(rollout.score_after, rollout.reward) < rollout.score_before:
+        outcome = "the score goes down"
+    elif rollout.evidence == "hindered":
+        outcome = "the episode soon ends in failure"
+    else:
+        outcome = "the task does not progress"
+    return f"If I {rollout.action} here, {outcome}."
 
 
-def infer_verdict(reward: float, others: list[float]) -> str:
-    """A verdict from rewards alone: better or worse than the step's other candidates on average."""
-    if not others:
-        return "no effect"
-    reference = sum(others) / len(others)
-    return "advanced" if reward > reference else "hindered" if reward < reference else "no effect"
+def critique_messages(goal: str, rollout: Rollout, examples: list[tuple[str, Rollout]]) -> list[dict]:
+    """The critic's conversation: the instruction, each example (goal, rollout) answered with its evidence
+    verdict and evidence insight, then the candidate's evidence."""
+    messages = [{"role": "system", "content": prompts.load("critique").strip()}]
+    for example_goal, example in examples:
+        messages += [{"role": "user", "content": evidence_text(example_goal, example)},
+                     {"role": "assistant", "content": f"{VERDICT_CUE} {example.evidence}\n"
+                                                      f"Insight: {evidence_insight(example)}"}]
+    return messages + [{"role": "user", "content": evidence_text(goal, rollout)}]
+
+
+def critique_prompt(critic: Backend, goal: str, rollout: Rollout, examples: list[tuple[str, Rollout]]) -> str:
+    """The rendered conversation, the critic's reply started at its verdict."""
+    return critic.render(critique_messages(goal, rollout, examples)) + VERDICT_CUE
+
+
+def _digest(rollout: Rollout) -> str:
+    return hashlib.sha1("\t".join(map(str, rollout.key)).encode()).hexdigest()
+
+
+def pick_examples(pool: list[Rollout], rollout: Rollout, n: int = EXAMPLES) -> list[Rollout]:
+    """At most `n` examples for critiquing `rollout` from `pool` (rollouts with their evidence verdicts), one per
+    evidence verdict, from other branch points and other actions (so none is an answer the critic could copy),
+    chosen and ordered pseudo-randomly but fixed."""
+    chosen: dict[str, Rollout] = {}
+    for r in sorted(pool, key=_digest):
+        if r.evidence not in chosen and r.action != rollout.action and r.key[:3] != rollout.key[:3]:
+            chosen[r.evidence] = r
+            if len(chosen) == len(VERDICTS):
+                break
+    return sorted(chosen.values(), key=_digest)[:n]
+
+
+def written_insight(reply: str, prompt: str, action: str) -> str | None:
+    """The critic's insight (its reply after the forced "If I"): the first sentence, or None when that is
+    unfinished, too short to say anything, repeats itself, or copies the prompt (naming `action` is no copy)."""
+    found = sentences("If I" + reply)
+    insight = found[0] if found else ""
+    if not insight.endswith((".", "!")) or len(words(insight)) < 5 or repeats_sentence(reply) or \
+            echoes(insight, prompt, (action,)):
+        return None
+    return insight
 
 
 def _rollout_of(result: EpisodeResult, key: CandidateKey, trajectory_id: str, step: int, agent: str) -> Rollout:
+    """The rollout part of an episode (from the candidate on), its evidence verdict still to be set."""
     after = result.steps[key.prefix_len:]
     # The engine marks an episode done at the cap too; one that ends exactly at the cap counts as stopped.
     cap = result.request.max_agent_steps
-    ended = result.done and (cap is None or len(after) < 1 + cap or result.reward >= 1)
+    won = result.reward >= 1.0
+    ended = result.done and (cap is None or len(after) < 1 + cap or won)
+    scores = result.scores[key.prefix_len:]  # before the candidate, then after each step from it on
     return Rollout(*key, trajectory_id=trajectory_id, step=step, executed=result.request.first_action,
                    thoughts=[s.thought for s in after], actions=[s.action for s in after],
                    observations=[s.observation for s in after], reward=result.reward, done=ended,
-                   agent=agent)
+                   agent=agent, valid=len(result.valid) > key.prefix_len and result.valid[key.prefix_len],
+                   score_before=scores[0], score_after=scores[1] if len(scores) > 1 else scores[0], won=won,
+                   evidence="")
 
 
 def critique_candidates(engine: RolloutEngine, critic: Backend, trajectories: list[Trajectory],
                         candidates: list[StepCandidates], adapter: str | None = None,
                         rollout_max_steps: int | None = None, critic_id: str = "base",
-                        critic_batch: int = 64, max_new_tokens: int = 128, history_steps: int = 5,
-                        done: Mapping[CandidateKey, float] | None = None,
+                        critic_batch: int = 64, max_new_tokens: int = 48,
+                        done: Mapping[CandidateKey, Rollout] | None = None,
                         on_result: Callable[[list[Rollout], list[Critique]], None] | None = None,
                         ) -> tuple[list[Rollout], list[Critique]]:
     """Roll out and critique every candidate of every uncertain step whose key is not in `done`.
 
-    `engine` runs the agent `adapter` (build it with temperature 1.0). `done` maps finished keys to their
-    rollout reward (the rollouts table has both), because a verdict the critic leaves out is inferred
-    from the rewards of all the step's candidates. A step is critiqued once all its rollouts have ended,
-    `critic_batch` critiques per generate call; `on_result` receives each batch (rollouts, critiques).
-    Returns the new rollouts and critiques.
+    `engine` runs the agent `adapter` (build it with temperature 1.0). `done` holds the finished rollouts (those
+    with a critique) by key: a candidate's evidence verdict compares it with its step's expert rollout, and they
+    are examples for the critic. A step is critiqued once all its rollouts have ended, `critic_batch` critiques
+    per batch of calls; `max_new_tokens` bounds an insight; `on_result` receives each batch (rollouts,
+    critiques). Returns the new rollouts and critiques.
     """
-    rewards = dict(done or {})
+    finished: dict[CandidateKey, Rollout] = dict(done or {})
     by_id = {t.id: t for t in trajectories}
     agent = adapter_identity(adapter)
     requests: dict[str, EpisodeRequest] = {}
@@ -184,10 +276,10 @@ def critique_candidates(engine: RolloutEngine, critic: Backend, trajectories: li
     branches: dict[CandidateKey, list[list[CandidateKey]]] = {}  # key -> the candidate sets waiting for it
     for c in (c for c in candidates if c.uncertain):
         trajectory = by_id[c.trajectory_id]
-        branch = [candidate_key(trajectory, c.step, a) for a in c.candidates]
+        branch = [candidate_key(trajectory, c.step, a) for a in c.candidates]  # the expert's first
         for key, action in zip(branch, [c.expert_action, *c.alternatives]):  # the expert's own exact text
             branches.setdefault(key, []).append(branch)
-            if key in rewards or key in origin:
+            if key in finished or key in origin:
                 continue
             origin[key] = (trajectory, c.step)
             name = "\t".join(map(str, key))
@@ -197,38 +289,50 @@ def critique_candidates(engine: RolloutEngine, critic: Backend, trajectories: li
                 prefix=tuple(trajectory.steps[:c.step]), first_action=action,
                 max_agent_steps=rollout_max_steps)
     # Only the keys run here need a critique; `done` keys have theirs.
-    ready: list[tuple[Rollout, list[float]]] = []
+    ready: list[Rollout] = []
     rollouts: dict[CandidateKey, Rollout] = {}
-    queued: set[CandidateKey] = set()
+    judged = [r for r in finished.values() if r.trajectory_id in by_id]  # rollouts with evidence: examples
     new_rollouts, new_critiques = [], []
 
+    def goal(rollout: Rollout) -> str:
+        return task_goal(by_id[rollout.trajectory_id].instruction)
+
     def flush() -> None:
-        prompts_ = [critique_prompt(critic, origin[r.key][0], r, history_steps) for r, _ in ready]
-        replies = critic.generate(prompts_, SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens))
+        judged.sort(key=_digest)  # (then nearly sorted for each pick)
+        prompts_ = [critique_prompt(critic, goal(r), r, [(goal(e), e) for e in pick_examples(judged, r)])
+                    for r in ready]
+        chosen = [c.strip() if c is not None else None for c in critic.choose(prompts_, [f" {v}" for v in VERDICTS])]
+        verdicts = [c or r.evidence for c, r in zip(chosen, ready)]
+        replies = critic.generate([f"{p} {v}\n{INSIGHT_CUE}" for p, v in zip(prompts_, verdicts)],
+                                  SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, stop=("\n",)))
         batch = []
-        for (rollout, others), [reply] in zip(ready, replies):
-            text = REPLY_START + reply.text
-            verdict = parse_verdict(text)
-            batch.append(Critique(*rollout.key, trajectory_id=rollout.trajectory_id, step=rollout.step,
-                                  verdict=verdict or infer_verdict(rollout.reward, others),
-                                  verdict_inferred=verdict is None, text=text.strip(), critic=critic_id))
-        new_rollouts.extend(r for r, _ in ready)
+        for rollout, prompt, verdict, c, [reply] in zip(ready, prompts_, verdicts, chosen, replies):
+            insight = written_insight(reply.text, prompt, rollout.action)
+            batch.append(Critique(
+                *rollout.key, trajectory_id=rollout.trajectory_id, step=rollout.step, verdict=verdict,
+                verdict_inferred=c is None, text=f"{VERDICT_CUE} {verdict}\nInsight: "
+                                                 f"{insight or evidence_insight(rollout)}",
+                critic=critic_id, insight_written=insight is not None, valid=rollout.valid,
+                observation=observation(rollout), score_before=rollout.score_before,
+                score_after=rollout.score_after, score_end=rollout.reward, won=rollout.won,
+                steps=len(rollout.actions), evidence=rollout.evidence))
+        new_rollouts.extend(ready)
         new_critiques.extend(batch)
         if on_result:
-            on_result([r for r, _ in ready], batch)
+            on_result(list(ready), batch)
         ready.clear()
 
     for result in engine.run(requests.values(), adapter):
         key = keys[result.request.key]
         trajectory, step = origin[key]
-        rollouts[key] = _rollout_of(result, key, trajectory.id, step, agent)
-        rewards[key] = result.reward
+        rollouts[key] = finished[key] = _rollout_of(result, key, trajectory.id, step, agent)
         for branch in branches[key]:
             # The last rollout of a candidate set to end makes every candidate of it run here critiquable.
-            if all(k in rewards for k in branch):
-                for k in [k for k in branch if k in rollouts and k not in queued]:
-                    queued.add(k)
-                    ready.append((rollouts[k], [rewards[o] for o in branch if o != k]))
+            if all(k in finished for k in branch):
+                for k in [k for k in branch if k in rollouts and not rollouts[k].evidence]:
+                    rollouts[k].evidence = evidence_verdict(rollouts[k], finished[branch[0]])
+                    ready.append(rollouts[k])
+                    judged.append(rollouts[k])
         if len(ready) >= critic_batch:
             flush()
     if ready:

@@ -6,10 +6,16 @@ fixed as the answer. The thought replaces the step's thought; actions and observ
 steps keep their thought: the mix teaches the agent when to deliberate.
 
 Marker: every synthesised thought, fallbacks included, opens with DELIBERATION_PREFIX (the writer's reply
-is forced to start with it) and names candidate actions in double quotes ("go to desk 1"; the writer is
-told to, fallbacks always do). So
+is forced to start with it) and names candidate actions in double quotes ("go to desk 1"). So
 `thought.startswith(DELIBERATION_PREFIX)` recognises a deliberation exactly (its "let me weigh" and
 "options:" are also markers of `sand.evaluation.is_deliberation`).
+
+Validation: the writer's thought is kept only if it concludes at the answer (what follows is cut), repeats
+no sentence, names at least two distinct candidates in double quotes, and calls no candidate good that its
+evidence says hindered nor bad that its evidence says advanced (a sentence naming that candidate alone, with
+a praise or blame word not negated). Otherwise the writer tries once more under stricter instructions, and
+then the thought is written from the evidence: each candidate in quotes with what executing it showed, then
+the answer. So every stored deliberation passes the validator.
 
 Ablations: without `candidates` (no self-consistency sampling) every step
 deliberates over alternatives the writer invents itself; without `critiques` (no execution-guided
@@ -32,6 +38,7 @@ from sand.errors import SandError
 from sand.models.backends import Backend, SamplingParams
 from sand.sand_loop.actions import mentions, normalize
 from sand.sand_loop.critique import (
+    VERDICTS,
     Critique,
     Rollout,
     candidate_key,
@@ -39,16 +46,16 @@ from sand.sand_loop.critique import (
     task_goal,
 )
 from sand.sand_loop.sampling import StepCandidates
+from sand.sand_loop.texts import blames, praises, repeats_sentence, sentences
 from sand.trajectory import Step, Trajectory
 
 DELIBERATION_PREFIX = "Let me weigh my options:"
 DATASET_SUFFIX = "#sand"  # D_k trajectory id = original id + suffix (not repeated over iterations)
 _STOP = ("\nAction:", "\nObservation:")
 _SENTENCE_END = re.compile(r"[.!?][\"”']?(?=\s|$)")
-_QUOTED = re.compile(r"\"([^\"\n]{1,80})\"")
-_INSIGHT = re.compile(r"\bIf I [a-z][^\n]*")  # "If I open the fridge, ...": a foresight, not a stray "If I,"
-_FORESIGHT = {"advanced": "it would move the task forward", "hindered": "it would set the task back",
-              "no effect": "it would not change much"}
+_QUOTED = re.compile(r"\"([^\"\n]{1,300})\"")  # actions and quoted observations (pairs must stay aligned)
+_RANK = {"advanced": 2, "no effect": 1, "hindered": 0}
+assert set(_RANK) == set(VERDICTS)
 
 
 @dataclass
@@ -58,9 +65,13 @@ class Deliberation:
     thought: str
     answer: str  # the action the thought concludes with (the expert's, or the switched-to candidate)
     candidates: list[str]  # the normalised actions it weighs (no_sampling: those the writer named)
-    fallback: bool  # the writer failed validation twice: the thought is templated from the critiques
+    fallback: bool  # the writer failed validation twice: the thought is written from the evidence
     retried: bool
     mode: str  # "sand", "no_critique" or "no_sampling"
+    rejection: str | None  # why the writer's last thought was rejected (None: accepted)
+    repeated: bool  # a thought the writer wrote repeated a sentence
+    named: int  # distinct candidates the stored thought names in double quotes
+    valid: bool  # the stored thought passes the validator
 
 
 @dataclass
@@ -84,6 +95,15 @@ class _Job:
     step: int
     answer: str
     options: list[tuple[str, Critique | None]]  # (normalised candidate, its critique), prompt order
+
+    @property
+    def names(self) -> list[str] | None:
+        """The candidates a thought may name (None: the writer invents them)."""
+        return [a for a, _ in self.options] or None
+
+    @property
+    def evidence(self) -> dict[str, str]:
+        return {a: c.evidence for a, c in self.options if c is not None}
 
 
 def dataset_id(trajectory_id: str) -> str:
@@ -111,39 +131,95 @@ def quoted_actions(thought: str, env: str) -> list[str]:
     return found
 
 
-def validate(thought: str, answer: str, candidates: list[str] | None, env: str) -> str | None:
-    """The valid part of a synthesised thought, or None: it must conclude with `answer` (its final sentence
-    names it) and name at least two actions: two of `candidates`, or (None: the writer invented the
-    alternatives) two distinct quoted actions."""
+def named_candidates(thought: str, candidates: list[str] | None, env: str) -> list[str]:
+    """The distinct candidates the thought names in double quotes (None: any quoted action counts)."""
+    quoted = quoted_actions(thought, env)
+    return quoted if candidates is None else [a for a in quoted if a in candidates]
+
+
+def check(thought: str, answer: str, candidates: list[str] | None, env: str,
+          evidence: dict[str, str] | None = None) -> tuple[str | None, str | None]:
+    """(the valid part of a synthesised thought, None), or (None, why it is rejected).
+
+    `candidates`: the normalised actions it weighs (None: the writer invented them); `evidence`: candidate ->
+    its evidence verdict. The rules are the module docstring's."""
     cut = conclude(thought, answer, env)
     if cut is None:
-        return None
-    named = sum(mentions(cut, c, env) for c in candidates) if candidates is not None else \
-        len(quoted_actions(cut, env))
-    return cut if named >= 2 else None
+        return None, "does not conclude at the answer"
+    if repeats_sentence(cut):
+        return None, "repeats a sentence"
+    if len(named_candidates(cut, candidates, env)) < 2:
+        return None, "names fewer than two candidates in quotes"
+    for sentence in sentences(cut):
+        named = named_candidates(sentence, candidates, env)
+        verdict = (evidence or {}).get(named[0]) if len(named) == 1 else None
+        if verdict == "hindered" and praises(sentence):
+            return None, f'calls "{named[0]}" good, but its evidence says it hindered'
+        if verdict == "advanced" and blames(sentence):
+            return None, f'calls "{named[0]}" bad, but its evidence says it advanced'
+    return cut, None
 
 
-def _insight(critique: Critique | None) -> str:
-    match = _INSIGHT.search(critique.text) if critique else None
-    return match.group(0).strip().rstrip(".") + "." if match else ""
+def validate(thought: str, answer: str, candidates: list[str] | None, env: str,
+             evidence: dict[str, str] | None = None) -> str | None:
+    """The valid part of a synthesised thought, or None (`check` says why)."""
+    return check(thought, answer, candidates, env, evidence)[0]
 
 
-def _foresight(critique: Critique) -> str:
-    return f"{_FORESIGHT[critique.verdict]}. {_insight(critique)}".rstrip()
+def _quote(observation: str, limit: int = 100) -> str:
+    """An observation fit to sit inside double quotes in one sentence."""
+    text = " ".join(observation.replace('"', "'").split())
+    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " (...)"
+
+
+def evidence_sentence(action: str, critique: Critique) -> str:
+    """What executing `action` showed, as the agent's foresight: one true sentence naming it in quotes."""
+    seen, later = _quote(critique.observation), critique.steps - 1
+    before, end = round(100 * critique.score_before), round(100 * critique.score_end)
+    if not critique.valid:
+        return f'"{action}" is not possible here ("{seen}"), a wasted step.'
+    if critique.won:
+        outcome = f"lead on to completing the task within {later} more steps"
+    elif end > before:
+        outcome = f"raise the score from {before} to {end}"
+    elif min(critique.score_after, critique.score_end) < critique.score_before:
+        outcome = f"lower the score from {before} to {end}"
+    elif critique.evidence == "hindered":
+        outcome = f"let the episode end in failure within {later} more steps"
+    else:
+        outcome = "not move the task forward"
+    return f'"{action}" would show "{seen}" and {outcome}.'
+
+
+def _nearby_actions(job: _Job) -> list[str]:
+    """Other actions of the trajectory, nearest to the step first: alternatives that exist in this task."""
+    env, answer = job.trajectory.env, normalize(job.answer, job.trajectory.env)
+    steps = job.trajectory.steps
+    order = sorted(range(len(steps)), key=lambda i: (abs(i - job.step), i))
+    found = []
+    for i in order:
+        action = normalize(steps[i].action, env)
+        if action and action != answer and action not in found:
+            found.append(action)
+    return found
 
 
 def fallback_thought(job: _Job, invented: list[str]) -> str:
-    """A deliberation templated from what is known when the writer fails twice: the candidates with their
-    critiques' verdicts and insights, or (no_sampling) the alternatives the writer did name, if any."""
-    answer = normalize(job.answer, job.trajectory.env)
+    """A deliberation written from what is known when the writer fails twice: with critiques, each candidate
+    in quotes with what executing it showed; without, the candidates (or the alternatives the writer did name,
+    else other actions of the trajectory) and the answer."""
+    env = job.trajectory.env
+    answer = normalize(job.answer, env)
     critiques = {a: c for a, c in job.options if c is not None}
-    others = [a for a in ([a for a, _ in job.options] or invented) if a != answer][:4]
     parts = [DELIBERATION_PREFIX]
     if critiques:
-        parts += [f'If I "{a}", {_foresight(critiques[a])}' if a in critiques else f'I could also "{a}".'
-                  for a in others]
-        parts.append(f'Comparing them, "{answer}" is the best next step. {_insight(critiques.get(answer))}'.rstrip())
+        parts += [evidence_sentence(a, critiques[a]) if a in critiques else f'I could also "{a}".'
+                  for a, _ in job.options]
+        ranks = {a: _RANK[c.evidence] for a, c in critiques.items()}
+        if answer in ranks and all(ranks[answer] > r for a, r in ranks.items() if a != answer):
+            parts.append(f'Of these, "{answer}" does the most for the task.')
     else:
+        others = [a for a in ([a for a, _ in job.options] or invented or _nearby_actions(job)) if a != answer][:4]
         if others:
             parts.append("I could " + " or ".join(f'"{a}"' for a in others) + ".")
         parts.append(f'"{answer}" fits the task and what I see best.')
@@ -156,9 +232,16 @@ def _order(trajectory_id: str, step: int, actions: list[str]) -> list[str]:
     return sorted(actions, key=lambda a: hashlib.sha1(f"{trajectory_id}:{step}:{a}".encode()).hexdigest())
 
 
+def _option(action: str, critique: Critique | None) -> str:
+    if critique is None:
+        return f'- "{action}"'
+    insight = critique.text.split("Insight:", 1)[-1].strip() if critique.insight_written else ""
+    return f"- {evidence_sentence(action, critique)} {insight}".rstrip()
+
+
 def _prompt(writer: Backend, job: _Job, mode: str, history_steps: int, strict: bool) -> str:
     t = job.trajectory
-    options = "\n".join(f'- "{a}": {_foresight(c)}' if c else f'- "{a}"' for a, c in job.options)
+    options = "\n".join(_option(a, c) for a, c in job.options)
     template = {"sand": "synthesis", "no_critique": "synthesis_no_critique", "no_sampling": "synthesis_no_sampling"}
     text = prompts.load(template[mode]).format(goal=task_goal(t.instruction), history=history_text(t, job.step,
                                                history_steps), options=options, answer=job.answer)
@@ -166,8 +249,6 @@ def _prompt(writer: Backend, job: _Job, mode: str, history_steps: int, strict: b
         text += "\n\n" + prompts.load("synthesis_retry").format(answer=job.answer)
     # The reply is forced to open with the marker: the writer continues from it.
     return writer.render([{"role": "user", "content": text}]) + DELIBERATION_PREFIX
-
-
 def _switch_points(by_id: dict[str, Trajectory], uncertain: list[StepCandidates],
                    rollouts: list[Rollout]) -> dict[str, tuple[int, Rollout]]:
     """Trajectory id -> (step, rollout) of its first step where an alternative beat the expert action."""
@@ -184,16 +265,16 @@ def _switch_points(by_id: dict[str, Trajectory], uncertain: list[StepCandidates]
 
 
 def _write(writer: Backend, jobs: list[_Job], todo, mode: str, params: SamplingParams, batch_size: int,
-           history_steps: int, strict: bool) -> dict[int, tuple[str | None, str]]:
-    """Job index -> (the valid thought or None, the writer's reply), `batch_size` prompts per generate call."""
+           history_steps: int, strict: bool) -> dict[int, tuple[str | None, str | None, str]]:
+    """Job index -> (the valid thought or None, why it was rejected, the writer's reply), `batch_size` prompts
+    per generate call."""
     todo, out = list(todo), {}
     for start in range(0, len(todo), batch_size):
         chunk = todo[start:start + batch_size]
         replies = writer.generate([_prompt(writer, jobs[i], mode, history_steps, strict) for i in chunk], params)
         for i, [reply] in zip(chunk, replies):
             job, text = jobs[i], f"{DELIBERATION_PREFIX} {reply.text.strip()}"
-            names = [a for a, _ in job.options] if mode != "no_sampling" else None
-            out[i] = validate(text, job.answer, names, job.trajectory.env), text
+            out[i] = (*check(text, job.answer, job.names, job.trajectory.env, job.evidence), text)
     return out
 
 
@@ -228,16 +309,20 @@ def synthesize(writer: Backend, trajectories: list[Trajectory], candidates: list
                                                 for a in _order(t.id, c.step, c.candidates)]))
     params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, stop=_STOP)
     first = _write(writer, jobs, range(len(jobs)), mode, params, batch_size, history_steps, strict=False)
-    retry = _write(writer, jobs, [i for i, (valid, _) in first.items() if valid is None], mode, params, batch_size,
-                   history_steps, strict=True)
+    retry = _write(writer, jobs, [i for i, (valid, _, _) in first.items() if valid is None], mode, params,
+                   batch_size, history_steps, strict=True)
     deliberations = []
     for i, job in enumerate(jobs):
         env, answer = job.trajectory.env, normalize(job.answer, job.trajectory.env)
-        valid, reply = retry.get(i, first[i])
+        valid, rejection, reply = retry.get(i, first[i])
         thought = valid or fallback_thought(job, quoted_actions(reply, env))
-        weighed = [a for a, _ in job.options] or [answer] + [a for a in quoted_actions(thought, env) if a != answer]
-        deliberations.append(Deliberation(job.trajectory.id, job.step, thought, job.answer, weighed,
-                                          fallback=valid is None, retried=i in retry, mode=mode))
+        weighed = job.names or [answer] + [a for a in quoted_actions(thought, env) if a != answer]
+        repeated = any(repeats_sentence(attempts[i][2]) for attempts in (first, retry) if i in attempts)
+        deliberations.append(Deliberation(
+            job.trajectory.id, job.step, thought, job.answer, weighed, fallback=valid is None, retried=i in retry,
+            mode=mode, rejection=rejection, repeated=repeated,
+            named=len(named_candidates(thought, job.names, env)),
+            valid=validate(thought, job.answer, job.names, env, job.evidence) == thought))
     return Synthesis(deliberations, build_dataset(trajectories, deliberations, switches), sorted(switches))
 
 

@@ -1,6 +1,7 @@
 """The SAND loop's catalog tables: row schemas and conversions between dataclasses and polars frames.
 
-One row per dataclass object, columns named as its fields (rollouts add a derived `steps` count).
+One row per dataclass object, columns named as its fields (rollouts add a derived `steps` count, critiques
+whether the critic agrees with the evidence).
 Reading a table back gives the objects the next stage takes, which is how a run resumes from the store.
 """
 from __future__ import annotations
@@ -33,7 +34,7 @@ def rollouts_frame(items: list[Rollout]) -> pl.DataFrame:
 
 
 def critiques_frame(items: list[Critique]) -> pl.DataFrame:
-    return _frame(items, CRITIQUES_SCHEMA)
+    return pl.DataFrame([{**asdict(c), "agrees": c.agrees} for c in items], schema=CRITIQUES_SCHEMA, orient="row")
 
 
 def deliberations_frame(items: list[Deliberation]) -> pl.DataFrame:

@@ -50,6 +50,11 @@ class Backend(_Closing, ABC):
     def render(self, messages: list[dict]) -> str:
         """The model's chat template applied to `messages`, ending with the assistant generation prompt."""
 
+    @abstractmethod
+    def choose(self, prompts: list[str], choices: list[str], adapter: str | None = None) -> list[str | None]:
+        """For each prompt, the continuation among `choices` the model picks under constraint (greedy); None where
+        a server ignored the constraint and wrote none of them."""
+
     def stream(self, params: SamplingParams, adapter: str | None = None) -> Stream:
         """Prompts submitted one at a time and answered as each finishes (one completion each; `params.n` is
         ignored). Here: everything submitted is answered by one `generate` call; engines that batch
@@ -94,6 +99,11 @@ def _trim(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
     """Text up to the earliest stop string, and whether one occurred."""
     cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
     return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def _chosen(text: str, choices: list[str]) -> str | None:
+    """The choice a constrained reply is (None: the reply is none of them)."""
+    return next((c for c in choices if c == text), None) or next((c for c in choices if c.strip() == text.strip()), None)
 
 
 def _distinct(params: SamplingParams) -> int:

@@ -13,6 +13,7 @@ from sand.models.backends.base import (
     Backend,
     Completion,
     SamplingParams,
+    _chosen,
     _distinct,
     _render_with,
     _repeat_greedy,
@@ -68,6 +69,15 @@ class OpenAIBackend(Backend):
             body["logprobs"] = 0  # per-choice token lists: `usage` only totals the n choices
         futures = [self._pool.submit(self._complete, {**body, "prompt": p}, params, adapter) for p in prompts]
         return [f.result() for f in futures]
+
+    def choose(self, prompts: list[str], choices: list[str], adapter: str | None = None) -> list[str | None]:
+        """Greedy decoding constrained to `choices` by the server: vLLM's `structured_outputs` (a server that
+        ignores it may answer none of them: None)."""
+        params = SamplingParams(max_new_tokens=max(len(c) for c in choices) + 1)  # a token has at least 1 character
+        body = {"n": 1, "temperature": 0.0, "max_tokens": params.max_new_tokens,
+                "structured_outputs": {"choice": list(choices)}}
+        futures = [self._pool.submit(self._complete, {**body, "prompt": p}, params, adapter) for p in prompts]
+        return [_chosen(f.result()[0].text, choices) for f in futures]
 
     def _complete(self, body: dict, params: SamplingParams, adapter: str | None) -> list[Completion]:
         import httpx

@@ -68,6 +68,30 @@ class TransformersBackend(Backend):
                     results[i] = completions
         return results
 
+    def choose(self, prompts: list[str], choices: list[str], adapter: str | None = None) -> list[str | None]:
+        """For each prompt, the choice the model finds likeliest as its continuation (the sum of its tokens'
+        log-probabilities, all choices scored in one forward pass per batch): never None."""
+        import torch
+
+        options = [self.tokenizer(c, add_special_tokens=False).input_ids for c in choices]
+        rows = [self.tokenizer(p).input_ids + o for p in prompts for o in options]
+        keep = max(len(o) for o in options) + 1  # logits of the last positions only: the vocabulary is wide
+        scores: list[float] = []
+        with self._lock, self._use_adapter(adapter), torch.inference_mode():
+            for start in range(0, len(rows), self.batch_size):
+                chunk = rows[start:start + self.batch_size]
+                batch = self.tokenizer.pad({"input_ids": chunk}, return_tensors="pt").to(self.device)  # left-padded
+                positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+                logits = (self._peft or self.model)(**batch, position_ids=positions, logits_to_keep=keep).logits
+                logprobs = torch.log_softmax(logits.float(), dim=-1)
+                for k in range(len(chunk)):
+                    option = options[(start + k) % len(options)]
+                    # The option's tokens end the row; position keep-1-len+r of the kept logits predicts token r.
+                    at = torch.arange(keep - 1 - len(option), keep - 1, device=logprobs.device)
+                    scores.append(logprobs[k, at, torch.tensor(option, device=logprobs.device)].sum().item())
+        n = len(options)
+        return [choices[max(range(n), key=lambda j: scores[i * n + j])] for i in range(len(prompts))]
+
     def _generate_batch(self, ids: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
         import torch
         from transformers import GenerationConfig, StoppingCriteriaList

@@ -14,6 +14,7 @@ from sand.models.backends.base import (
     Backend,
     Completion,
     SamplingParams,
+    _chosen,
     Stream,
     _distinct,
     _render_with,
@@ -79,7 +80,22 @@ class VLLMBackend(Backend):
 
     def generate(self, prompts: list[str], params: SamplingParams,
                  adapter: str | None = None) -> list[list[Completion]]:
-        sampling, lora = self._sampling(params), self._lora(adapter)
+        outputs = self._run(prompts, self._sampling(params), self._lora(adapter))
+        return [_repeat_greedy([self._completion(out, o) for o in out.outputs], params) for out in outputs]
+
+    def choose(self, prompts: list[str], choices: list[str], adapter: str | None = None) -> list[str | None]:
+        """Greedy decoding constrained to `choices` (vLLM structured outputs)."""
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
+
+        tokenizer = self._llm.get_tokenizer()
+        longest = max(len(tokenizer(c, add_special_tokens=False).input_ids) for c in choices)
+        sampling = self._vllm.SamplingParams(temperature=0.0, max_tokens=longest + 1,
+                                             structured_outputs=StructuredOutputsParams(choice=list(choices)),
+                                             output_kind=RequestOutputKind.FINAL_ONLY)
+        return [_chosen(out.outputs[0].text, choices) for out in self._run(prompts, sampling, self._lora(adapter))]
+
+    def _run(self, prompts: list[str], sampling, lora) -> list:
+        """vLLM's finished outputs of `prompts`, in order."""
         with self._lock:
             ids = [self._add(p, sampling, lora) for p in prompts]
             try:
@@ -87,8 +103,7 @@ class VLLMBackend(Backend):
             except BaseException:
                 self._abort(ids)
                 raise
-            outputs = [self._outputs.pop(i) for i in ids]
-        return [_repeat_greedy([self._completion(out, o) for o in out.outputs], params) for out in outputs]
+            return [self._outputs.pop(i) for i in ids]
 
     def stream(self, params: SamplingParams, adapter: str | None = None) -> Stream:
         return _VLLMStream(self, self._sampling(replace(params, n=1)), self._lora(adapter))

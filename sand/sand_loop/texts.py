@@ -1,0 +1,68 @@
+"""Checks on the texts the base model writes (critique insights, deliberation thoughts): sentences, repeats,
+echoes of the prompt, and whether a sentence calls an action good or bad."""
+from __future__ import annotations
+
+import re
+
+_SENTENCE = re.compile(r"[^.!?\n]+(?:[.!?]+[\"”')]*|\n|$)")
+_WORD = re.compile(r"[a-z0-9]+")
+_QUOTED = re.compile(r"\"[^\"\n]*\"")
+_HIDE = str.maketrans(".!?", "\x01\x02\x03")  # sentence ends inside quotes, hidden from the splitter
+_SHOW = str.maketrans("\x01\x02\x03", ".!?")
+ECHO_WORDS = 8  # a run of this many words shared with the prompt is a copy, not a judgement
+# Words that praise or blame an action; a negation shortly before one turns it off ("did not help").
+_GOOD = re.compile(r"\b(?:good|best|better|right|correct|useful|helps?|helped|helpful|works?|worked|succeed\w*|"
+                   r"advanc\w*|progress\w*|promising|wise|smart)\b", re.IGNORECASE)
+_BAD = re.compile(r"\b(?:bad|worse|worst|wrong|useless|wasted?|wastes|wasting|hinder\w*|fail\w*|pointless|"
+                  r"mistake|harm\w*|avoid)\b", re.IGNORECASE)
+_NEGATION = re.compile(r"\b(?:not|no|never|nothing|without|n't)\W+(?:\w+\W+){0,2}$|n't\W+(?:\w+\W+){0,2}$",
+                       re.IGNORECASE)
+
+
+def sentences(text: str) -> list[str]:
+    """The text's sentences (split at . ! ? and line breaks, never inside double quotes: a quoted observation
+    belongs to the sentence quoting it), stripped, empty ones left out."""
+    masked = _QUOTED.sub(lambda m: m.group(0).translate(_HIDE), text)
+    return [s.strip().translate(_SHOW) for s in _SENTENCE.findall(masked) if s.strip(" \n.!?\"'")]
+
+
+def words(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
+def repeats_sentence(text: str) -> bool:
+    """Whether a sentence occurs twice (compared by its words, so case and punctuation do not hide a repeat)."""
+    seen = [tuple(words(s)) for s in sentences(text)]
+    seen = [s for s in seen if s]
+    return len(set(seen)) < len(seen)
+
+
+def _runs(text: str, run: int, allowed: tuple[str, ...]) -> set[tuple[str, ...]]:
+    """Every `run` consecutive words of `text`, none spanning a phrase of `allowed` (cut out first)."""
+    pieces = re.split("|".join(re.escape(a) for a in allowed if a), text, flags=re.IGNORECASE) if allowed else [text]
+    found = set()
+    for piece in map(words, pieces):
+        found.update(tuple(piece[i:i + run]) for i in range(len(piece) - run + 1))
+    return found
+
+
+def echoes(text: str, prompt: str, allowed: tuple[str, ...] = (), run: int = ECHO_WORDS) -> bool:
+    """Whether `text` copies `run` consecutive words of `prompt`, or a placeholder such as "..." from it.
+    Phrases in `allowed` (the action a text is about) may be repeated: they do not count towards a run."""
+    if "..." in text or "…" in text:
+        return True
+    return not _runs(text, run, allowed).isdisjoint(_runs(prompt, run, allowed))
+
+
+def _judges(sentence: str, pattern: re.Pattern) -> bool:
+    return any(not _NEGATION.search(sentence[:m.start()]) for m in pattern.finditer(sentence))
+
+
+def praises(sentence: str) -> bool:
+    """Whether the sentence calls something good (a praise word not negated just before it)."""
+    return _judges(sentence, _GOOD)
+
+
+def blames(sentence: str) -> bool:
+    """Whether the sentence calls something bad (a blame word not negated just before it)."""
+    return _judges(sentence, _BAD)

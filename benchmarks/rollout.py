@@ -61,8 +61,9 @@ class Run:
 
     def row(self) -> str:
         tok_s = self.tokens / self.seconds
-        return (f"{self.label:<16}{self.episodes:>5}{self.pool:>5}{self.seconds:>8.1f}{self.seconds / self.episodes:>7.2f}"
-                f"{self.episodes / self.seconds:>7.3f}{self.steps / self.seconds:>7.2f}{self.env_steps / self.seconds:>7.2f}"
+        return (f"{self.label:<16}{self.episodes:>5}{self.pool:>5}{self.seconds:>8.1f}"
+                f"{self.seconds / self.episodes:>7.2f}{self.episodes / self.seconds:>7.3f}"
+                f"{self.steps / self.seconds:>7.2f}{self.env_steps / self.seconds:>7.2f}"
                 f"{self.generate_seconds / self.seconds:>6.0%}{tok_s:>7.1f}{self.raw:>7.1f}{tok_s / self.raw:>6.0%}"
                 f"{self.calls:>7}{self.steps / self.calls:>7.1f}")
 

@@ -48,8 +48,8 @@ def resolve_imports(store: Store, open_env: Callable[[str], Environment], lineag
             if (r.dataset in names if names else r.dataset.startswith("import/"))]
     missing = sorted(set(names or ()) - {r.dataset for r in refs})
     if missing:
-        raise SandError(f"no source datasets {missing}; imported ones: "
-                        f"{[r.dataset for r in store.datasets('source_trajectories') if r.dataset.startswith('import/')]}")
+        imported = [r.dataset for r in store.datasets("source_trajectories") if r.dataset.startswith("import/")]
+        raise SandError(f"no source datasets {missing}; imported ones: {imported}")
     written = []
     for ref in refs:
         trajectories = resolve.resolve(from_frame(store.read(ref.table, ref.dataset, ref.version)), open_env)

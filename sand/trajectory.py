@@ -64,7 +64,7 @@ class Trajectory:
         return {k: row[k] for k in TRAJECTORY_SCHEMA}
 
     @classmethod
-    def from_row(cls, row: dict) -> "Trajectory":
+    def from_row(cls, row: dict) -> Trajectory:
         return cls(
             id=row["id"], env=row["env"], task=row["task"], task_id=row["task_id"], split=row["split"],
             source=row["source"], instruction=row["instruction"], reward=row["reward"],

@@ -20,8 +20,8 @@ from pydantic import Field
 
 from resources import AlfWorldResource, SciWorldResource, StoreResource
 from sand import datasets
-from sand.errors import SandError
 from sand.envs.base import Environment, TaskSpec
+from sand.errors import SandError
 from sand.experts import record_experts
 from sand.formats import resolve
 from sand.trajectory import Trajectory, from_frame, to_frame

@@ -258,6 +258,6 @@ def test_home_can_be_moved(sand_home, tmp_path):
     shutil.copytree(sand_home, moved)
     again = Store(moved)
     assert again.read("checkpoints", "exp/sft")["path"][0] == str(moved / "checkpoints/exp/sft/v1")
-    rewritten = again.write("checkpoints", "exp/sft", df.with_columns(path=pl.lit(str(moved / "checkpoints/exp/sft/v1"))),
-                            Lineage(asset="t"))
+    rewritten = again.write("checkpoints", "exp/sft",
+                            df.with_columns(path=pl.lit(str(moved / "checkpoints/exp/sft/v1"))), Lineage(asset="t"))
     assert rewritten.ref == written.ref and not rewritten.created  # same content, same version: nothing to redo

@@ -125,7 +125,8 @@ def test_sand_iteration_deliberates_over_imported_data(imported, home):
         [expert] = [m for m in result.get_asset_materialization_events()
                     if m.asset_key == expert_trajectories.key]
         metadata = expert.materialization.metadata
-        assert metadata["resolution/alfworld/replayed"].value == 2 and metadata["resolution/sciworld/diverged"].value == 1
+        assert metadata["resolution/alfworld/replayed"].value == 2
+        assert metadata["resolution/sciworld/diverged"].value == 1
     store = Store(home)
     faithful = [t for ts in out.values() for t in ts if t.replay == "faithful"]
     sampled = store.sql("select trajectory_id, count(*) as n, sum(uncertain::int) as u from candidates "

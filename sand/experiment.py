@@ -66,7 +66,6 @@ class EnvEval(_Strict):
     variations_per_task: int | None = None  # ScienceWorld: first N variations of each task
     max_steps: int | None = None  # cap below the task's own limit (CPU budgets)
     max_invalid_streak: int | None = 10  # end an episode after this many consecutive invalid actions (None: never)
-    max_invalid_streak: int | None = 10  # end an episode after this many consecutive invalid actions (None: never)
 
 
 class EvalConfig(_Strict):

@@ -77,6 +77,11 @@ def to_frame(trajectories: list[Trajectory]) -> pl.DataFrame:
     return pl.DataFrame([t.to_row() for t in trajectories], schema=TRAJECTORY_SCHEMA, orient="row")
 
 
+# Columns added after trajectories were first stored: frames written before them (work logs) read them as null.
+_LATER = ("resolution", "replay", "diverged_at")
+
+
 def from_frame(df: pl.DataFrame) -> list[Trajectory]:
+    df = df.with_columns(pl.lit(None, TRAJECTORY_SCHEMA[c]).alias(c) for c in _LATER if c not in df.columns)
     return [Trajectory.from_row(r) for r in df.select(list(TRAJECTORY_SCHEMA)).iter_rows(named=True)]
 

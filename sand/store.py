@@ -40,13 +40,7 @@ import polars as pl
 
 from sand.config import sand_home
 from sand.errors import SandError
-from sand.schemas import (
-    AGENT_COMPARISON_SQL,
-    DATASET_REF,
-    EVALUATION_SUMMARY_SQL,
-    RESOLUTION_SUMMARY_SQL,
-    TABLES,
-)
+from sand.schemas import AGENT_COMPARISON_SQL, DATASET_REF, EVALUATION_SUMMARY_SQL, TABLES
 
 HEAD_SCHEMA = {"table": pl.Utf8, "dataset": pl.Utf8, "version": pl.Utf8, "updated_at": pl.Datetime("us", "UTC")}
 
@@ -308,7 +302,6 @@ class Store:
         views["evaluations"] = "select * from evaluations_current"
         views["evaluation_summary"] = EVALUATION_SUMMARY_SQL
         views["agent_comparison"] = AGENT_COMPARISON_SQL
-        views["resolution_summary"] = RESOLUTION_SUMMARY_SQL
         for table in ("checkpoints", "candidates", "rollouts", "critiques", "deliberations"):
             views[table] = f"select * from {table}_current"
         return views
@@ -346,7 +339,7 @@ class Store:
 
         The file holds nothing but views, so anything else found there (a view dropped or replaced by a
         table, a file that is not a database) is thrown away and the catalog rebuilt. Returns False when
-        another process holds the file open: it keeps the views it has, which read the same globs."""
+        the file is held open elsewhere: it keeps the views it has, which read the same globs."""
         for attempt in range(2):
             try:
                 with duckdb.connect(str(self.catalog_path)) as con:
@@ -358,6 +351,8 @@ class Store:
                     for name, sql in views.items():
                         con.execute(f"create or replace view {name} as {sql}")
                 return True
+            except duckdb.ConnectionException:  # this process holds it open read-only
+                return False
             except duckdb.IOException as exc:
                 if "lock" in str(exc).lower():
                     return False

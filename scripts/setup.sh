@@ -13,6 +13,14 @@ PYTHON=${PYTHON:-python3}
 PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
 
 command -v java >/dev/null || { echo "setup: ScienceWorld needs Java 17 (apt-get install openjdk-17-jre-headless)" >&2; exit 1; }
+# The UI test drives Debian's chromium headless through Playwright (pointed at it: no browser download).
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq && apt-get install -y -qq chromium
+  else
+    echo "setup: no chromium, so tests/test_ui.py will be skipped (as root: apt-get install chromium)" >&2
+  fi
+fi
 
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   "${PIP[@]}" install "${SAND_TORCH:-torch==2.13.0}" ${SAND_TORCH_INDEX:+--index-url "$SAND_TORCH_INDEX"}

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, fields
 import polars as pl
 
 from sand.envs.base import Environment, TaskSpec
+from sand.errors import SandError
 from sand.models.backends import Backend, SamplingParams, adapter_key
 from sand.rollout import EpisodeRequest, EpisodeResult, RolloutEngine
 from sand.worklog import WorkLog
@@ -94,20 +95,30 @@ def _recorded(log: WorkLog | None, identity: str) -> dict[tuple[str, str], Episo
     return {(r["env"], r["task_id"]): EpisodeRecord(**{n: r[n] for n in names}) for r in rows}
 
 
+def _cap(*limits: int | None) -> int | None:
+    """The lowest of the limits given (None: no limit)."""
+    return min((n for n in limits if n is not None), default=None)
+
+
 def evaluate(backend: Backend, make_env: Callable[[], Environment], tasks: list[TaskSpec],
              adapter: str | None = None, pool_size: int = 8, history_steps: int | None = None,
              max_steps: int | None = None, max_new_tokens: int = 128, max_invalid_streak: int | None = 10,
-             log: WorkLog | None = None) -> list[EpisodeRecord]:
+             task_max_steps: dict[str, int] | None = None, log: WorkLog | None = None) -> list[EpisodeRecord]:
     """One greedy episode per task (in `tasks` order; duplicates run once); see the module doc for
-    resuming. `max_steps` caps episodes below the task's own limit (None: the task's limit); an episode
-    ends after `max_invalid_streak` consecutive invalid actions (None: never)."""
+    resuming. `max_steps` caps episodes below the task's own limit (None: the task's limit), and
+    `task_max_steps` caps tasks of the named types (TaskSpec.task) lower still; an episode ends after
+    `max_invalid_streak` consecutive invalid actions (None: never)."""
+    unknown = sorted(set(task_max_steps or {}) - {t.task for t in tasks})
+    if unknown:
+        raise SandError(f"task_max_steps names task types that are not evaluated: {', '.join(unknown)}")
     identity = adapter_identity(adapter)
     done = _recorded(log, identity)
     todo = list({(t.env, t.task_id): t for t in tasks if (t.env, t.task_id) not in done}.values())
     if todo:
         params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens)
         with RolloutEngine(backend, make_env, pool_size, params, history_steps) as engine:
-            requests = [EpisodeRequest(t, max_steps=max_steps, max_invalid_streak=max_invalid_streak) for t in todo]
+            requests = [EpisodeRequest(t, max_steps=_cap(max_steps, (task_max_steps or {}).get(t.task)),
+                                       max_invalid_streak=max_invalid_streak) for t in todo]
             for result in engine.run(requests, adapter):
                 record = record_of(result)
                 done[record.env, record.task_id] = record

@@ -66,6 +66,7 @@ class EnvEval(_Strict):
     variations_per_task: int | None = None  # ScienceWorld: first N variations of each task
     max_steps: int | None = None  # cap below the task's own limit (CPU budgets)
     max_invalid_streak: int | None = 10  # end an episode after this many consecutive invalid actions (None: never)
+    task_max_steps: dict[str, int] = Field(default_factory=dict)  # task type -> a lower cap (MPO's per-task limits)
 
 
 class EvalConfig(_Strict):

@@ -339,7 +339,8 @@ def evaluate_agent(exp: Experiment, store: Store, agent: str, iteration: int | N
             records = evaluate(backend, factory, tasks, adapter=adapter, pool_size=exp.evaluation.pool_size,
                                history_steps=exp.evaluation.history_steps, max_steps=cfg.max_steps,
                                max_new_tokens=exp.evaluation.max_new_tokens,
-                               max_invalid_streak=cfg.max_invalid_streak, log=WorkLog(work / env_name))
+                               max_invalid_streak=cfg.max_invalid_streak, task_max_steps=cfg.task_max_steps,
+                               log=WorkLog(work / env_name))
             rows += [{**vars(r), "experiment": exp.name, "agent": agent, "iteration": iteration,
                       "checkpoint": checkpoint_ref.version if checkpoint_ref else None} for r in records]
     written = store.write("evaluations", f"{exp.name}/{agent}", pl.DataFrame(rows), _lineage(

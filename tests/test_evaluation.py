@@ -5,6 +5,7 @@ from test_rollout import SCI_TASKS, CountingBackend, scripted_model
 
 from sand.envs.alfworld import AlfWorldEnv
 from sand.envs.sciworld import ScienceWorldEnv
+from sand.errors import SandError
 from sand.evaluation import evaluate, is_deliberation
 from sand.models import tiny_model
 from sand.models.backends import TransformersBackend
@@ -95,3 +96,13 @@ def test_consecutive_invalid_actions_end_the_episode(home, sci_tasks):
             (3, 3, 0, True, 3)
     assert (uncut[0].steps, uncut[0].invalid_actions, uncut[0].invalid_cutoff, uncut[0].max_invalid_streak) == \
         (5, 5, False, None)
+
+
+def test_per_task_step_caps(home, tiny, sci_tasks):
+    tasks = [sci_tasks[0], sci_tasks[-1]]  # two task types
+    assert tasks[0].task != tasks[1].task
+    records = evaluate(tiny, sciworld, tasks, pool_size=2, max_steps=4, max_new_tokens=8,
+                       task_max_steps={tasks[0].task: 2})
+    assert [r.steps for r in records] == [2, 4]
+    with pytest.raises(SandError, match="task_max_steps names task types that are not evaluated: boil"):
+        evaluate(tiny, sciworld, tasks, task_max_steps={"boil": 5, tasks[0].task: 2})

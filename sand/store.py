@@ -40,7 +40,13 @@ import polars as pl
 
 from sand.config import sand_home
 from sand.errors import SandError
-from sand.schemas import AGENT_COMPARISON_SQL, DATASET_REF, EVALUATION_SUMMARY_SQL, TABLES
+from sand.schemas import (
+    AGENT_COMPARISON_SQL,
+    DATASET_REF,
+    EVALUATION_SUMMARY_SQL,
+    RESOLUTION_SUMMARY_SQL,
+    TABLES,
+)
 
 HEAD_SCHEMA = {"table": pl.Utf8, "dataset": pl.Utf8, "version": pl.Utf8, "updated_at": pl.Datetime("us", "UTC")}
 
@@ -302,6 +308,7 @@ class Store:
         views["evaluations"] = "select * from evaluations_current"
         views["evaluation_summary"] = EVALUATION_SUMMARY_SQL
         views["agent_comparison"] = AGENT_COMPARISON_SQL
+        views["resolution_summary"] = RESOLUTION_SUMMARY_SQL
         for table in ("checkpoints", "candidates", "rollouts", "critiques", "deliberations"):
             views[table] = f"select * from {table}_current"
         return views

@@ -1,7 +1,6 @@
 """Reliability of the store: imports are all-or-nothing, concurrent writers lose nothing, the catalog is
 read-only to queries and survives damage, work-log parts are committed whole. Real processes, real DuckDB."""
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -35,11 +34,6 @@ def eto_file(path, ids, value_size=0):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(records))
     return path
-
-
-def sand(*args, env=None, **kwargs):
-    return subprocess.Popen([sys.executable, "-m", "sand.cli", *args], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})}, **kwargs)
 
 
 @pytest.fixture

@@ -11,13 +11,13 @@ import pytest
 import torch
 from conftest import replay
 
+from sand import prompts, stages
 from sand.envs.alfworld import AlfWorldEnv
 from sand.envs.alfworld_gen import generate_games
 from sand.envs.sciworld import ScienceWorldEnv
 from sand.evaluation import is_deliberation
 from sand.experiment import EvalConfig, Experiment, SandConfig
 from sand.experts import record_expert
-from sand import prompts, stages
 from sand.models.backends import SamplingParams, TransformersBackend
 from sand.models.registry import tiny_model
 from sand.react import assistant_turn, conversation
@@ -134,7 +134,8 @@ def test_normalisation_and_dedup_on_handmade_samples():
     assert uncertain.candidates == ["put mug 1 in/on desk 1", "go to desk 1"]
     assert (uncertain.n_samples, uncertain.format_errors, uncertain.uncertain) == (5, 2, True)
     confident = collect_candidates("t", 4, "alfworld", "open drawer 1",
-                                   ["Action: open drawer 1", "Thought: x\nAction: Open drawer 1.", "Action: open  drawer 1"])
+                                   ["Action: open drawer 1", "Thought: x\nAction: Open drawer 1.",
+                                    "Action: open  drawer 1"])
     assert confident.candidates == ["open drawer 1"] and not confident.uncertain and confident.format_errors == 0
 
 
@@ -174,7 +175,8 @@ def test_evidence_insight_says_what_the_evidence_shows():
 
 def test_sampling_finds_uncertain_steps_in_batches(sampled, alf, sci):
     trajectories = alf + sci
-    assert [(c.trajectory_id, c.step) for c in sampled] == [(t.id, i) for t in trajectories for i in range(len(t.steps))]
+    assert [(c.trajectory_id, c.step) for c in sampled] == \
+        [(t.id, i) for t in trajectories for i in range(len(t.steps))]
     for c in sampled:
         t = next(t for t in trajectories if t.id == c.trajectory_id)
         assert c.expert_action == t.steps[c.step].action and c.candidates[0] == normalize(c.expert_action, t.env)
@@ -462,9 +464,9 @@ def test_full_iteration_on_sciworld_and_tables_round_trip(agent, home, sci, tmp_
               (rollouts_frame, rollouts_from_frame, result.rollouts),
               (critiques_frame, critiques_from_frame, result.critiques),
               (deliberations_frame, deliberations_from_frame, result.deliberations)]
-    for to_frame, from_frame, items in frames:
-        df = to_frame(items)
-        assert df.height == len(items) and from_frame(df) == items
+    for to_table, from_table, items in frames:
+        df = to_table(items)
+        assert df.height == len(items) and from_table(df) == items
     assert rollouts_frame(result.rollouts)["steps"].to_list() == [len(r.actions) for r in result.rollouts]
 
 
@@ -499,7 +501,7 @@ def test_the_real_critic_and_writer_write_grounded_texts(smollm2, agent, alf, al
     assert critiques and all(not c.verdict_inferred for c in critiques)
     for c in critiques:
         assert_no_echo(c, by_key[c.key], by_id[c.trajectory_id])
-    result = synthesize(smollm2, alf, steps, critiques, rollouts)
+    result = synthesize(smollm2, alf, steps, critiques, rollouts, max_new_tokens=96)
     for d in result.deliberations:
         assert d.valid and d.named >= 2 and not repeats_sentence(d.thought)
         assert d.thought.endswith(f'So I will "{normalize(d.answer, "alfworld")}".') or \

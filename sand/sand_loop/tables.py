@@ -15,6 +15,7 @@ from sand.sand_loop.sampling import StepCandidates
 from sand.sand_loop.synthesis import Deliberation
 from sand.schemas import CANDIDATES_SCHEMA, CRITIQUES_SCHEMA, DELIBERATIONS_SCHEMA, ROLLOUTS_SCHEMA
 
+
 def _frame(items: list, schema: dict[str, pl.DataType]) -> pl.DataFrame:
     return pl.DataFrame([asdict(x) for x in items], schema=schema, orient="row")
 

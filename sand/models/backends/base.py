@@ -103,7 +103,8 @@ def _trim(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
 
 def _chosen(text: str, choices: list[str]) -> str | None:
     """The choice a constrained reply is (None: the reply is none of them)."""
-    return next((c for c in choices if c == text), None) or next((c for c in choices if c.strip() == text.strip()), None)
+    return next((c for c in choices if c == text), None) or \
+        next((c for c in choices if c.strip() == text.strip()), None)
 
 
 def _distinct(params: SamplingParams) -> int:

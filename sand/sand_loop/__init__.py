@@ -1,4 +1,4 @@
-"""The engine stages of one SAND iteration (sampling, critique, synthesis), plain Python.
+"""The engine stages of one SAND iteration (steps 1-3 of the loop), plain Python.
 
     sample_candidates   pi_k samples n actions at each expert step -> StepCandidates (uncertain or not)
     critique_candidates each candidate of an uncertain step is rolled out by pi_k and judged by pi_base

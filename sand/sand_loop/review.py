@@ -17,7 +17,7 @@ def _cell(text: str | None, limit: int = 300) -> str:
 
 
 def _quote(text: str) -> str:
-    return "\n".join(f"> {line}" for line in (text.strip() or "-").splitlines())
+    return "\n".join(f"> {line}" for line in (text.strip() or "(none)").splitlines())
 
 
 def _execution(c: Critique) -> str:

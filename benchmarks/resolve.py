@@ -8,7 +8,7 @@ matched to the task they were recorded in, matched elsewhere, unmatched, replaye
 they matched, the time to build the index, and the resolution's wall time.
 
     SAND_HOME=$(mktemp -d) ALFWORLD_DATA=../shared/data/alfworld \\
-        python benchmarks/resolve.py [--sciworld-variations 4] [--alfworld-games 140]
+        python benchmarks/resolve.py [--sciworld-variations 4] [--alfworld-games 140] [--envs alfworld]
 """
 from __future__ import annotations
 
@@ -50,12 +50,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sciworld-variations", type=int, default=4, help="train variations per task (30 tasks)")
     parser.add_argument("--alfworld-games", type=int, default=140, help="valid_seen games")
+    parser.add_argument("--envs", default="sciworld,alfworld", help="environments to measure, in order")
     args = parser.parse_args()
     if "SAND_HOME" not in os.environ:
         raise SystemExit("set SAND_HOME to a temporary folder")
     from sand.formats import eto, resolve
 
-    for env_name, limit in (("sciworld", args.sciworld_variations), ("alfworld", args.alfworld_games)):
+    limits = {"sciworld": args.sciworld_variations, "alfworld": args.alfworld_games}
+    for env_name in args.envs.split(","):
+        limit = limits[env_name]
         originals = record(env_name, limit)
         with tempfile.TemporaryDirectory() as tmp:
             path = eto.write_eto(originals, Path(tmp) / f"{env_name}.jsonl", strip=True)

@@ -393,7 +393,8 @@ def test_expert_switch_adopts_a_better_candidate_and_its_rollout(writer, alf):
 
 def run_stages(folder, trajectories, agent_folder, make_env=None, pool_size=4, **sand) -> SimpleNamespace:
     """Sampling, critique and synthesis of iteration 1 through the engine's stages, on a store in `folder`
-    whose D_0 is `trajectories` and whose pi_0 is the agent's folder; what they stored, as objects."""
+    whose D_0 is `trajectories` and whose pi_0 is the agent's folder; what they stored, as objects, with the
+    backends the stages asked for (model, settings) and what each stage reported."""
     exp = Experiment(name="t", base_model=str(tiny_model()), evaluation=EvalConfig(pool_size=pool_size),
                      sand=SandConfig(**sand))
     store = Store(folder)
@@ -403,16 +404,21 @@ def run_stages(folder, trajectories, agent_folder, make_env=None, pool_size=4, *
         "base_model": str(tiny_model()), "train_data": [], "loss_curve": []}], schema=CHECKPOINT_SCHEMA),
         Lineage(asset="test"))
 
-    def backends(model, _settings):  # the agent's folder, or the untrained tiny model as critic and writer
+    built = []
+
+    def backends(model, settings):  # the agent's folder, or the untrained tiny model as critic and writer
+        built.append((model, settings))
         return TransformersBackend(model or tiny_model(), batch_size=32)
 
     def lineage_of(table):
         return Lineage(asset=f"t/iter_1/{table}")
 
-    stages.sample(exp, store, 1, backends, lineage_of, code="test")
-    stages.critique(exp, store, 1, backends, stages.Envs(lambda env: make_env), lineage_of, code="test")
-    stages.synthesize(exp, store, 1, backends, lineage_of)
-    return SimpleNamespace(candidates=candidates_from_frame(store.read("candidates", "t/iter_1")),
+    reported = {"sample": stages.sample(exp, store, 1, backends, lineage_of, code="test").counts,
+                "critique": stages.critique(exp, store, 1, backends, stages.Envs(lambda env: make_env), lineage_of,
+                                            code="test").counts,
+                "synthesize": stages.synthesize(exp, store, 1, backends, lineage_of).counts}
+    return SimpleNamespace(built=built, reported=reported,
+                           candidates=candidates_from_frame(store.read("candidates", "t/iter_1")),
                            rollouts=rollouts_from_frame(store.read("rollouts", "t/iter_1")),
                            critiques=critiques_from_frame(store.read("critiques", "t/iter_1")),
                            deliberations=deliberations_from_frame(store.read("deliberations", "t/iter_1")),
@@ -506,3 +512,26 @@ def test_the_real_critic_and_writer_write_grounded_texts(smollm2, agent, alf, al
         assert d.valid and d.named >= 2 and not repeats_sentence(d.thought)
         assert d.thought.endswith(f'So I will "{normalize(d.answer, "alfworld")}".') or \
             normalize(d.thought.rsplit('"', 2)[-2], "alfworld") == normalize(d.answer, "alfworld")
+
+
+def test_a_critic_model_of_its_own_critiques_and_writes(agent, home, alf, alf_dir, tmp_path):
+    """`sand.critic_model` with its own backend settings: the critique and synthesis stages build the critic
+    from them (not from the agent's base model), critiques name it, and the stages report the quality figures."""
+    from sand.experiment import BackendConfig
+    from sand.models.registry import model_hash
+
+    critic = tiny_model(tmp_path / "critic")  # a model of its own (the tiny weights again, in another folder)
+    settings = BackendConfig(kind="transformers", options={"batch_size": 4})
+    result = run_stages(tmp_path / "store", alf[:1], home / "agent",
+                        lambda: AlfWorldEnv(train_games_dir=alf_dir), n_samples=2, rollout_max_steps=1,
+                        critic_model=str(critic), critic_backend=settings)
+    assert [b for b in result.built if b[0] == str(critic)] == [(str(critic), settings)] * 2  # critic, writer
+    assert result.critiques and {c.critic for c in result.critiques} == {f"{critic}@{model_hash(critic)}"}
+    critique, synthesis = result.reported["critique"], result.reported["synthesize"]
+    assert critique["verdicts_written"] == len(result.critiques) and critique["written_verdict_rate"] == 1.0
+    assert critique["verdict_agreement"] == round(
+        sum(c.agrees for c in result.critiques) / len(result.critiques), 4)
+    assert synthesis["deliberation_validity_rate"] == 1.0 and synthesis["fallback_rate"] == 1.0
+    assert synthesis["distinct_candidates_per_deliberation"] >= 2
+    assert synthesis["repeated_sentence_rate"] == round(
+        sum(d.repeated for d in result.deliberations) / len(result.deliberations), 4)

@@ -9,6 +9,7 @@ from dagster import (
     DagsterEventType,
     DagsterInstance,
     DagsterRun,
+    DagsterRunStatus,
     DefaultSensorStatus,
     RunFailureSensorContext,
     RunRequest,
@@ -19,7 +20,6 @@ from dagster import (
     run_failure_sensor,
     sensor,
 )
-from dagster._core.storage.dagster_run import NOT_FINISHED_STATUSES
 
 from resources import StoreResource
 from sand.datasets import EXPERT
@@ -30,6 +30,8 @@ from sand_assets.expert_data import expert_trajectories, expert_trajectories_sch
 from sand_assets.models import base_model_key
 
 DATA_VERSION_TAG = "dagster/data_version"
+PENDING = [DagsterRunStatus.NOT_STARTED, DagsterRunStatus.QUEUED, DagsterRunStatus.STARTING,
+           DagsterRunStatus.STARTED, DagsterRunStatus.CANCELING]
 # What a retraining run says about why it started (run tags, shown on the run's page in the UI).
 REASON_TAG, DATA_TAG, NEW_TAG = "sand/retrain_reason", "sand/expert_data_version", "sand/new_trajectories"
 
@@ -132,7 +134,7 @@ def new_data_sensor(exp: Experiment) -> SensorDefinition:
             return SkipReason(f"{exp.name} was never trained: `sand run {exp.name}` builds it first")
         if version in trained:
             return SkipReason(f"{exp.name} is trained on D_0 {version}")
-        running = instance.get_run_records(RunsFilter(job_name=exp.name, statuses=NOT_FINISHED_STATUSES), limit=1)
+        running = instance.get_run_records(RunsFilter(job_name=exp.name, statuses=PENDING), limit=1)
         if running:
             return SkipReason(f"run {running[0].dagster_run.run_id} of {exp.name} has not finished; "
                               "the next tick looks again")

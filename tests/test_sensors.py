@@ -34,6 +34,7 @@ from sand_assets.definitions import defs as shipped_defs
 from sand_assets.expert_data import expert_trajectories, expert_trajectories_schema
 from sand_assets.loop import build_loop_assets
 from sand_assets.models import build_model_assets
+from sand_assets.scoreboard import build_scoreboard_asset
 from tests.conftest import DATA
 
 
@@ -140,7 +141,8 @@ def test_new_expert_data_retrains_an_opted_in_experiment_once(sand_home, tmp_pat
     sensor = new_data_sensor(exp)
     job = experiment_job(exp)
     defs = Definitions(assets=[*load_assets_from_modules([expert_data]), *build_model_assets(exp),
-                               *build_loop_assets(exp)], asset_checks=[expert_trajectories_schema],
+                               *build_loop_assets(exp), build_scoreboard_asset(exp)],
+                       asset_checks=[expert_trajectories_schema],
                        jobs=[job], sensors=[sensor], resources=resources(sand_home))
     store = Store(sand_home)
     sample = json.loads((DATA / "eto_alfworld_sample.json").read_text())
@@ -192,7 +194,7 @@ def test_new_expert_data_retrains_an_opted_in_experiment_once(sand_home, tmp_pat
                                 NEW_TAG: "3"}
         selected = {k.to_user_string() for k in request.asset_selection}
         assert {"tiny/d0", "tiny/sft_checkpoint", "tiny/iter_0/evaluation", "tiny/iter_1/candidate_samples",
-                "tiny/iter_1/finetuned_checkpoint", "tiny/iter_1/evaluation"} <= selected
+                "tiny/iter_1/finetuned_checkpoint", "tiny/iter_1/evaluation", "tiny/scoreboard"} <= selected
         assert not selected & {"tiny/base_model", "tiny/base_evaluation", "expert_trajectories"}
         again, cursor = tick(cursor)
         assert again.run_key == request.run_key  # Dagster launches one run per run key

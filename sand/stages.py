@@ -27,7 +27,6 @@ import polars as pl
 from sand.datasets import EXPERT
 from sand.envs.base import Environment
 from sand.experiment import Experiment
-from sand.report import record_uncertainty
 from sand.models.backends import SamplingParams
 from sand.models.checkpoints import TrainPlan, checkpoint_dataset, checkpoint_row, plan_training
 from sand.models.serving import (
@@ -38,6 +37,7 @@ from sand.models.serving import (
     critic_identity,
     critic_model,
 )
+from sand.report import record_uncertainty
 from sand.rollout import RolloutEngine
 from sand.sand_loop.critique import critique_candidates
 from sand.sand_loop.quality import critique_quality, deliberation_quality

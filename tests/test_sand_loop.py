@@ -311,7 +311,7 @@ def test_synthesis_falls_back_and_dk_keeps_everything_else(writer, alf, sampled,
         for a, j in judged.items():  # written from the evidence: each candidate with what executing it showed
             if j:
                 assert f'"{a}" is not possible here' in d.thought if not j.valid else \
-                    f'"{a}" would show "{j.observation.replace(chr(34), chr(39))[:40]}' in " ".join(d.thought.split())
+                    f'"{a}" would show "{" ".join(j.observation.replace(chr(34), chr(39)).split())[:40]}' in d.thought
     figures = deliberation_quality(result.deliberations)
     assert figures["fallback_rate"] == 1.0 and figures["deliberation_validity_rate"] == 1.0
     assert figures["distinct_candidates_per_deliberation"] >= 2

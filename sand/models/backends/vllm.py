@@ -87,9 +87,8 @@ class VLLMBackend(Backend):
         """Greedy decoding constrained to `choices` (vLLM structured outputs)."""
         from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
-        tokenizer = self._llm.get_tokenizer()
-        longest = max(len(tokenizer(c, add_special_tokens=False).input_ids) for c in choices)
-        sampling = self._vllm.SamplingParams(temperature=0.0, max_tokens=longest + 1,
+        # The grammar may spell a choice in other tokens than its usual ones (one character each, at worst).
+        sampling = self._vllm.SamplingParams(temperature=0.0, max_tokens=max(len(c) for c in choices) + 1,
                                              structured_outputs=StructuredOutputsParams(choice=list(choices)),
                                              output_kind=RequestOutputKind.FINAL_ONLY)
         return [_chosen(out.outputs[0].text, choices) for out in self._run(prompts, sampling, self._lora(adapter))]

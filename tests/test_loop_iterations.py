@@ -1,6 +1,18 @@
-"""SAND beyond one iteration: the unrolled asset graph of `iterations: 3` (which edges join the iterations)."""
+"""SAND beyond one iteration: the unrolled asset graph of `iterations: 3` (which edges join the iterations), and
+two iterations run end to end with the tiny model, real ALFWorld games and a real Dagster instance."""
+from dagster import AssetCheckSeverity, PipesSubprocessClient, instance_for_test, materialize
 
-from sand.experiment import EnvEval, EvalConfig, Experiment, SandConfig
+from resources import AlfWorldResource, ComputeResource, SciWorldResource, StoreResource
+from sand.experiment import EnvEval, EvalConfig, Experiment, SandConfig, TrainConfig
+from sand.models.registry import tiny_model
+from sand.store import Store
+from sand_assets.expert_data import (
+    alfworld_source_trajectories,
+    alfworld_training_games,
+    expert_trajectories,
+    imported_trajectories,
+    sciworld_source_trajectories,
+)
 from sand_assets.loop import build_loop_assets
 from sand_assets.models import build_model_assets
 
@@ -49,3 +61,46 @@ def test_three_iterations_chain_each_on_the_one_before():
     # No iteration reads a later one.
     assert all(iteration_of(d) <= iteration_of(key) for key, ds in deps.items() for d in ds)
 
+
+def test_two_iterations_end_to_end(sand_home):
+    exp = Experiment(
+        name="tiny", base_model=str(tiny_model()), train_data={"alfworld": None},
+        # Full finetuning at a high rate; few steps, as three trainings run.
+        train=TrainConfig(lora=False, learning_rate=3e-3, max_steps=8, per_device_batch_size=2,
+                          gradient_accumulation_steps=1, max_length=512, history_steps=4),
+        evaluation=EvalConfig(pool_size=2, max_new_tokens=16, envs={
+            "alfworld": EnvEval(splits=["valid_seen"], tasks_per_split=1, max_steps=3)}),
+        sand=SandConfig(iterations=2, n_samples=2, rollout_max_steps=2))
+    expert = [alfworld_training_games, alfworld_source_trajectories, sciworld_source_trajectories,
+              imported_trajectories, expert_trajectories]
+    model, loop = build_model_assets(exp), build_loop_assets(exp)
+    base_model, d0, sft_checkpoint = model[:3]
+    resources = {"store": StoreResource(home=str(sand_home)), "sciworld": SciWorldResource(),
+                 "alfworld": AlfWorldResource(train_games=2), "compute": ComputeResource(torch_threads=1),
+                 "pipes": PipesSubprocessClient()}
+    with instance_for_test() as instance:
+        result = materialize([*expert, *model, *loop], resources=resources, instance=instance, selection=[
+            alfworld_training_games, alfworld_source_trajectories, expert_trajectories, base_model, d0,
+            sft_checkpoint, *loop])
+        assert result.success
+        blocked = [(e.asset_key.to_user_string(), e.check_name) for e in result.get_asset_check_evaluations()
+                   if not e.passed and e.severity == AssetCheckSeverity.ERROR]
+        assert blocked == []
+
+    store = Store(sand_home)
+    d1 = store.read("trajectories", "tiny/iter_1")
+    sampled = store.sql("select distinct trajectory_id from candidates where dataset = 'tiny/iter_2'")
+    assert sorted(sampled["trajectory_id"].to_list()) == sorted(d1["id"].to_list())  # iteration 2 samples D_1
+    # Each table of iteration 2 records reading D_1 and pi_1 (not D_0 or pi_0), and pi_2 was trained on D_2.
+    reads = {}
+    for table, inputs in store.sql("select \"table\", inputs from lineage where dataset = 'tiny/iter_2'").rows():
+        reads.setdefault(table, set()).update((i["table"], i["dataset"]) for i in inputs)
+    assert {("trajectories", "tiny/iter_1"), ("checkpoints", "tiny/iter_1")} <= reads["candidates"]
+    assert ("checkpoints", "tiny/iter_1") in reads["rollouts"]
+    assert ("trajectories", "tiny/iter_2") in reads["checkpoints"]
+    assert not any(dataset in ("tiny/d0", "tiny/sft") for table in reads.values() for _, dataset in table)
+    # pi_2 continues from pi_1, and both are evaluated.
+    pi_1, pi_2 = (store.read("checkpoints", f"tiny/iter_{k}").row(0, named=True) for k in (1, 2))
+    assert pi_2["init_checkpoint"] == pi_1["path"] != pi_2["path"]
+    episodes = dict(store.sql("select agent, episodes from evaluation_summary").rows())
+    assert episodes == {"iter_1": 1, "iter_2": 1}

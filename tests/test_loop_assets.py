@@ -67,9 +67,10 @@ def test_one_sand_iteration_end_to_end(sand_home):
         fallback = checks["tiny/iter_1/deliberations", "fallback_rate"]
         assert not fallback.passed and fallback.severity == AssetCheckSeverity.WARN
         store = Store(sand_home)
-        # One asset per table: each dataset's lineage names the asset that wrote it.
+        # One asset per table: each loop dataset's lineage names the asset that wrote it.
         writers = store.sql("select \"table\", asset from lineage where dataset in ('tiny/d0', 'tiny/iter_1') "
-                            "group by all order by all").rows()
+                            "and \"table\" in ('candidates', 'rollouts', 'critiques', 'deliberations', "
+                            "'trajectories') group by all order by all").rows()
         assert writers == [("candidates", "tiny/iter_1/candidate_samples"),
                            ("critiques", "tiny/iter_1/action_critiques"),
                            ("deliberations", "tiny/iter_1/deliberations"), ("rollouts", "tiny/iter_1/rollouts"),

@@ -271,7 +271,10 @@ class Store:
         path = self.path(DatasetRef(table, dataset, version))
         if not path.exists():
             raise SandError(f"dataset '{dataset}' has no version {version} in table '{table}' ({path})")
-        return self._resolved(table, pl.read_parquet(path).select(list(self._schema(table))))
+        rows = pl.read_parquet(path)
+        # Versions stored before a column was added read it as null rather than failing.
+        return self._resolved(table, rows.select([pl.col(c) if c in rows.columns else pl.lit(None, dtype=t).alias(c)
+                                                  for c, t in self._schema(table).items()]))
 
     def _resolved(self, table: str, rows: pl.DataFrame) -> pl.DataFrame:
         return rows.with_columns([pl.col(c).map_elements(lambda p: str(self.resolve(p)), return_dtype=pl.Utf8)

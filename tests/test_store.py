@@ -4,6 +4,7 @@ import polars as pl
 import pytest
 
 from sand.errors import SandError
+from sand.schemas import TABLES
 from sand.store import DatasetRef, Lineage, Store
 from sand.trajectory import Step, Trajectory, to_frame
 
@@ -74,3 +75,13 @@ def test_dataset_names_with_slashes(sand_home):
     assert store.datasets("source_trajectories") == [
         DatasetRef("source_trajectories", "import/my file",
                    store.head("source_trajectories", "import/my file").version)]
+
+
+def test_a_version_stored_before_a_column_existed_reads_it_as_null(sand_home):
+    store = Store()
+    written = store.write("trajectories", "old", to_frame([traj("a")]), Lineage(asset="test"))
+    # The file as an older release wrote it: without the columns added since.
+    pl.read_parquet(written.path).drop("resolution", "replay", "diverged_at").write_parquet(written.path)
+    rows = store.read("trajectories", "old")
+    assert rows["id"].to_list() == ["a"] and rows["resolution"].to_list() == [None]
+    assert rows.columns == list(TABLES["trajectories"])

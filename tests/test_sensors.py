@@ -43,12 +43,18 @@ def resources(home):
             "compute": ComputeResource(torch_threads=1), "pipes": PipesSubprocessClient()}
 
 
-def test_new_base_model_version_requests_one_rebuild(sand_home, tmp_path, monkeypatch):
-    model = tiny_model(tmp_path / "model")
+def tiny_experiment(tmp_path, text: str):
+    """The experiment `tiny` as its YAML file `text` loads it (from a folder of its own)."""
     experiments = tmp_path / "experiments"
     experiments.mkdir()
-    (experiments / "tiny.yaml").write_text(f"base_model: {model}\nsand: {{iterations: 2}}\n")
+    (experiments / "tiny.yaml").write_text(text)
     [exp] = load_experiments(experiments)
+    return exp
+
+
+def test_new_base_model_version_requests_one_rebuild(sand_home, tmp_path, monkeypatch):
+    model = tiny_model(tmp_path / "model")
+    exp = tiny_experiment(tmp_path, f"base_model: {model}\nsand: {{iterations: 2}}\n")
     sensor = base_model_sensor(exp)
     model_assets = build_model_assets(exp)
     defs = Definitions(assets=[*load_assets_from_modules([expert_data]), *model_assets, *build_loop_assets(exp)],
@@ -134,10 +140,7 @@ retrain: {on_new_data: true, min_new_trajectories: 2}
 
 
 def test_new_expert_data_retrains_an_opted_in_experiment_once(sand_home, tmp_path):
-    experiments = tmp_path / "experiments"
-    experiments.mkdir()
-    (experiments / "tiny.yaml").write_text(f"base_model: {tiny_model()}\n{TINY_RETRAIN}")
-    [exp] = load_experiments(experiments)
+    exp = tiny_experiment(tmp_path, f"base_model: {tiny_model()}\n{TINY_RETRAIN}")
     sensor = new_data_sensor(exp)
     job = experiment_job(exp)
     defs = Definitions(assets=[*load_assets_from_modules([expert_data]), *build_model_assets(exp),

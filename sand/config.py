@@ -46,6 +46,9 @@ DAGSTER_YAML = """\
 # Written by sand on first use. Runs and event logs persist here.
 telemetry:
   enabled: false
+# No first-visit sign-up dialog over the UI.
+nux:
+  enabled: false
 """
 
 

@@ -13,6 +13,7 @@ import pytest
 from dagster import AssetKey, DagsterInstance, DagsterRunStatus, RunsFilter, materialize
 
 from resources import AlfWorldResource, ComputeResource, SciWorldResource, StoreResource
+from sand.config import DAGSTER_YAML
 from sand.experiment import load_experiments
 from sand.models.registry import tiny_model
 from sand_assets.models import build_model_assets
@@ -59,7 +60,7 @@ def ui(tmp_path_factory):
     root = tmp_path_factory.mktemp("ui")
     home, dagster_home, experiments = root / "sand_home", root / "sand_home" / "dagster", root / "experiments"
     dagster_home.mkdir(parents=True)
-    (dagster_home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    (dagster_home / "dagster.yaml").write_text(DAGSTER_YAML)  # as `sand ui` writes it: no first-visit dialog
     experiments.mkdir()
     (experiments / "tiny.yaml").write_text(f"base_model: {tiny_model()}\n{TINY}")
     env = {**os.environ, "SAND_HOME": str(home), "DAGSTER_HOME": str(dagster_home),
@@ -107,8 +108,6 @@ def page(ui):
         page = browser.new_page(viewport={"width": 1600, "height": 1000})
         page.set_default_timeout(90_000)  # the code location loads the experiment's assets first
         page.goto(f"{url}/locations/sand_assets.definitions/asset-groups/tiny/lineage")
-        # A first visit greets with a newsletter dialog over the page.
-        page.add_locator_handler(page.get_by_role("button", name="Skip", exact=True), lambda skip: skip.click())
         yield page
         browser.close()
 

@@ -160,19 +160,29 @@ class Store:
         return self.home / "catalog.duckdb"
 
     @contextmanager
-    def lock(self, name: str):
+    def lock(self, name: str, holder: str | None = None):
         """Hold the exclusive lock `name` across processes and threads (re-entrant in one thread).
 
         Any read-modify-write of a dataset (read the sources, recompose, move the head) holds it, so two
-        writers never both read the old state and the later one drops the other's rows."""
+        writers never both read the old state and the later one drops the other's rows. With `holder` (a line
+        saying who holds it) the lock is not waited for: while another process holds it, SandError quotes
+        that process's holder line."""
         path = self.home / "locks" / f"{_folder(name)}.lock"
         held = _held.__dict__.setdefault("paths", set())
         if path in held:
             yield
             return
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
+        with open(path, "a+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | (fcntl.LOCK_NB if holder is not None else 0))
+            except BlockingIOError:
+                f.seek(0)
+                raise SandError(f"'{name}' is held by another process: {f.read().strip() or 'unknown'}") from None
+            if holder is not None:
+                f.truncate(0)
+                f.write(holder + "\n")
+                f.flush()
             held.add(path)
             try:
                 yield

@@ -7,8 +7,10 @@
     finetune        pi_k: pi_{k-1} trained on D_k                               checkpoints   <exp>/sft, /iter_k
     evaluate_agent  greedy episodes of an agent on the evaluation splits        evaluations   <exp>/<agent>
 
-Each stage reads its inputs from the store, resumes from its work log where it has one (keyed by every
-input version and setting the work depends on and by `code`, the version of the code doing it), persists
+Each stage first checks that the machine has what the experiment needs (sand.preflight), so a run started
+anywhere (CLI, UI, sensor, notebook) fails at its first stage, not hours in. It reads its inputs from the
+store, resumes from its work log where it has one (keyed by every input version and setting the work
+depends on and by `code`, the version of the code doing it), persists
 as it goes, writes its tables with lineage started by `lineage_of(table)` (who writes: asset or script name,
 code version, run id), and returns what it wrote. The Dagster assets call one stage each; `run_iteration`
 calls a whole iteration's stages in order.
@@ -37,6 +39,7 @@ from sand.models.serving import (
     critic_identity,
     critic_model,
 )
+from sand.preflight import check_experiment
 from sand.report import record_uncertainty
 from sand.rollout import RolloutEngine
 from sand.sand_loop.critique import critique_candidates
@@ -170,6 +173,7 @@ def sample(exp: Experiment, store: Store, k: int, backends: BackendFactory, line
            code: str, log: Log = _logger.info) -> StageResult:
     """Self-consistency sampling: pi_{k-1} samples `sand.n_samples` actions at every step of D_{k-1}'s
     deliberated share; steps whose candidates disagree are uncertain."""
+    check_experiment(exp)
     s = exp.sand
     data, _, trajectories = previous_data(store, exp, k, log)
     checkpoint_ref, checkpoint_path = checkpoint(store, exp, k - 1)
@@ -206,6 +210,7 @@ def critique(exp: Experiment, store: Store, k: int, backends: BackendFactory, en
              code: str, log: Log = _logger.info) -> StageResult:
     """Execution-guided critique: every candidate of an uncertain step is executed and rolled out by
     pi_{k-1}; the frozen critic writes a critique of each. Writes `rollouts` and `critiques`."""
+    check_experiment(exp)
     s = exp.sand
     name = iteration_dataset(exp, k)
     data, _, trajectories = previous_data(store, exp, k, log)
@@ -265,6 +270,7 @@ def synthesize(exp: Experiment, store: Store, k: int, backends: BackendFactory, 
     """D_k: the writer's deliberation thought replaces the thought at uncertain steps, ending at the expert
     action; confident steps keep theirs, and trajectories outside the deliberated share are carried over
     unchanged. Writes `deliberations` and D_k in `trajectories`."""
+    check_experiment(exp)
     s = exp.sand
     name = iteration_dataset(exp, k)
     data, previous, trajectories = previous_data(store, exp, k, log)
@@ -299,6 +305,7 @@ def finetune(exp: Experiment, store: Store, k: int, lineage_of: LineageOf,
              train: Callable[[TrainPlan], dict] = train_here, log: Log = _logger.info) -> StageResult:
     """pi_k: the base model trained on D_0 (k = 0), or pi_{k-1} on D_k (continued, not restarted). A plan
     already trained (same base, data, start, settings and training code) is found, not trained again."""
+    check_experiment(exp)
     data = store.head("trajectories", iteration_dataset(exp, k))
     if data is None:
         raise LookupError(f"{exp.name}: no {iteration_dataset(exp, k)} in {store.home} to train on")
@@ -321,6 +328,7 @@ def evaluate_agent(exp: Experiment, store: Store, agent: str, iteration: int | N
     """Greedy episodes of `agent` ("base": the base model; else pi_iteration) on the experiment's evaluation
     splits; one row per episode in `evaluations` <exp>/<agent>. Finished episodes are reused for the same
     agent weights, backend and evaluation settings."""
+    check_experiment(exp)
     from sand.evaluation import evaluate
 
     checkpoint_ref, path = checkpoint(store, exp, iteration) if iteration is not None else (None, None)

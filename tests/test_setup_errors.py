@@ -3,10 +3,10 @@ reaches run_failures without the daemon."""
 import pytest
 
 from jobs.cli import main as sand_main
-from sand import preflight
+from sand import preflight, stages
 from sand.errors import SandError
 from sand.experiment import Experiment, load_experiment
-from sand.store import Store
+from sand.store import Lineage, Store
 
 
 def test_unknown_environment_keys_are_rejected_naming_them(tmp_path):
@@ -36,6 +36,11 @@ def test_missing_java_games_and_model_are_named_before_work(tmp_path, monkeypatc
     heldout = Experiment(name="y", train_data={"alfworld": 2},
                          evaluation={"envs": {"alfworld": {"splits": ["heldout"]}}})
     assert preflight.problems(heldout) == []
+    # A stage started anywhere (the UI, a sensor, a notebook) checks first: nothing is trained or stored.
+    store = Store(tmp_path / "home")
+    with pytest.raises(SandError, match="ALFWORLD_DATA"):
+        stages.finetune(exp, store, 0, lambda table: Lineage(asset="test"))
+    assert not (tmp_path / "home" / "checkpoints").exists()
 
 
 def test_failed_run_says_so_and_reaches_run_failures_without_the_daemon(sand_home, capsys):

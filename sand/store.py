@@ -131,7 +131,7 @@ def _folder(name: str) -> str:
 
 
 # Columns that hold paths, stored relative to SAND_HOME when they point inside it.
-PATH_COLUMNS = {"checkpoints": ("path",)}
+PATH_COLUMNS = {"checkpoints": ("path", "init_checkpoint", "base_model")}
 
 # Statements a reader may run: queries only (a COPY could still write inside SAND_HOME).
 _READ_STATEMENTS = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}

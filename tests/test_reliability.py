@@ -255,3 +255,30 @@ def test_home_can_be_moved(sand_home, tmp_path):
     rewritten = again.write("checkpoints", "exp/sft",
                             df.with_columns(path=pl.lit(str(moved / "checkpoints/exp/sft/v1"))), Lineage(asset="t"))
     assert rewritten.ref == written.ref and not rewritten.created  # same content, same version: nothing to redo
+
+
+def test_a_moved_home_finds_its_later_iterations_trained(tmp_path):
+    """pi_k (k >= 1) starts from pi_{k-1}'s folder: its plan and row name that folder relative to SAND_HOME, so a
+    copied home plans the same output folder (no retraining) and reads every path inside itself."""
+    from sand.experiment import Experiment
+    from sand.models.checkpoints import checkpoint_row, plan_training
+    from sand.models.registry import tiny_model
+    from sand.schemas import TABLES
+    from sand.store import DatasetRef
+
+    exp = Experiment(name="exp", base_model=str(tiny_model()))
+    data = DatasetRef("trajectories", "exp/iter_1", "v1")
+    homes = [tmp_path / "home", tmp_path / "copy"]
+    plans = [plan_training(exp, Store(h), 1, data, init=str(h / "checkpoints" / "pi0")) for h in homes]
+    assert plans[0].output.relative_to(homes[0]) == plans[1].output.relative_to(homes[1])
+    metrics = {"examples": 1, "steps": 1, "final_loss": 1.0, "seconds": 1.0, "tokens_per_second": 1.0,
+               "loss_curve": []}
+    row = checkpoint_row(exp, plans[0], "exp/iter_1/finetuned_checkpoint", 1, metrics)
+    Store(homes[0]).write("checkpoints", "exp/iter_1", pl.DataFrame([row], schema=TABLES["checkpoints"]),
+                          Lineage(asset="t"))
+    assert Store(homes[0]).sql("select init_checkpoint from checkpoints").item() == "checkpoints/pi0"
+    shutil.rmtree(homes[1])
+    shutil.copytree(homes[0], homes[1])
+    copied = Store(homes[1]).read("checkpoints", "exp/iter_1").row(0, named=True)
+    assert copied["init_checkpoint"] == str(homes[1] / "checkpoints" / "pi0")
+    assert copied["path"] == str(plans[1].output)

@@ -112,6 +112,12 @@ def page(ui):
         browser.close()
 
 
+def settled(page) -> None:
+    """Wait for the page's animations and CSS transitions to end (a dialog fades in), so a screenshot shows the
+    page as a user sees it."""
+    page.wait_for_function("() => document.getAnimations().every(a => a.playState !== 'running')")
+
+
 def test_asset_graph_shows_the_loop(ui, page):
     url, _ = ui
     page.goto(f"{url}/locations/sand_assets.definitions/asset-groups/tiny/lineage")
@@ -131,6 +137,7 @@ def test_scoreboard_renders_and_materializes_from_the_ui(ui, page):
     chart = dialog.locator("img[src^='data:image/png']")
     chart.wait_for()
     assert chart.evaluate("img => img.naturalWidth") > 100  # the embedded PNG decoded
+    settled(page)
     page.screenshot(path=ARTIFACTS / "scoreboard.png")
     dialog.get_by_role("button", name="Close").click()
 

@@ -40,7 +40,9 @@ def plan_training(exp: Experiment, store: Store, iteration: int, data: DatasetRe
     base_hash = model_hash(base)
     epochs = exp.train.epochs_of(iteration)
     train = exp.train.model_dump(exclude={"epochs", "iteration_epochs", "launcher"})
-    identity = json.dumps({"base": base_hash, "data": data.version, "init": init, "epochs": epochs, "train": train,
+    # pi_{k-1}'s folder as SAND_HOME-relative: a moved or copied home finds the same plan trained.
+    start = store.relative(init) if init else None
+    identity = json.dumps({"base": base_hash, "data": data.version, "init": start, "epochs": epochs, "train": train,
                            "code": code_version("sand.training.sft", "sand.react", prompts=True)}, sort_keys=True)
     output = store.home / "checkpoints" / hashlib.sha256(identity.encode()).hexdigest()[:16]
     spec = TrainSpec(base_model=str(base), data=[str(store.path(data))], output_dir=str(output),

@@ -1,5 +1,6 @@
 """The `sand` command: the engine's commands (sand.cli) and the two that need the Dagster definitions, `run` (a
-job in this process, recorded in DAGSTER_HOME) and `ui` (dagster dev on this project)."""
+job in this process, recorded in DAGSTER_HOME) and `ui` (dagster dev on this project). Its `import` runs through
+Dagster (jobs import_eto, then compose_expert), so an import is recorded exactly like an inbox import."""
 from __future__ import annotations
 
 import os
@@ -63,6 +64,65 @@ def _fail_abandoned_runs(instance, store, job: str) -> None:
         print(f"marked run {run.run_id} failed: {message}", file=sys.stderr)
 
 
+def cmd_import(args) -> None:
+    """Partition `<env>/<file name>` of imported_trajectories from the file where it is (job import_eto, its run
+    config naming the path), then expert_trajectories with its check (job compose_expert), in this process and
+    recorded in DAGSTER_HOME; a rejected file fails the first run and stores nothing."""
+    from dagster import DagsterInstance
+
+    from jobs.expert_data import compose_expert_job, import_job
+    from sand.errors import SandError
+    from sand.store import Store
+    from sand_assets.expert_data import eto_inbox_partitions
+
+    path = Path(args.path).resolve()
+    if not path.is_file():
+        raise SandError(f"{path}: no such file")
+    key = f"{args.env}/{path.name}"
+    config = {"path": str(path), "resolve": not args.no_resolve}
+    tags = {LAUNCHED_BY: "sand import", PID: str(os.getpid())}
+    store = Store()
+    with DagsterInstance.get() as instance:
+        instance.add_dynamic_partitions(eto_inbox_partitions.name, [key])
+        imported, import_run = _execute(instance, store, import_job.name, tags, partition_key=key,
+                                        run_config={"ops": {"imported_trajectories": {"config": config}}})
+        expert, expert_run = _execute(instance, store, compose_expert_job.name, tags)
+    imported, expert = imported["imported_trajectories"], expert["expert_trajectories"]
+    print(f"imported {imported['dagster/row_count']} {args.env} trajectories from {args.path} as "
+          f"'{imported['dataset']}' (version {imported['version']}{'' if imported['new_version'] else ', unchanged'})")
+    cli._print_resolution(store.read("source_trajectories", imported["dataset"], imported["version"]))
+    print(f"expert set: {expert['dagster/row_count']} trajectories (version {expert['version']})")
+    print(f"runs: {import_job.name} {import_run} (partition {key}), {compose_expert_job.name} {expert_run} "
+          f"(DAGSTER_HOME={os.environ['DAGSTER_HOME']})")
+
+
+def _execute(instance, store, job_name: str, tags: dict, **kwargs) -> tuple[dict[str, dict], str]:
+    """Run job `job_name` of the definitions (resources bound) in this process: the metadata values of each
+    asset it materialized, and its run id. A failed run is recorded in the catalog's run_failures and raises
+    SandError with what failed (a Failure's description names the file and record)."""
+    from jobs.retraining import _innermost, failure_rows
+    from sand.errors import SandError
+    from sand_assets.definitions import defs
+
+    # The console shows this command's lines, not Dagster's events (the run's event log keeps them all).
+    quiet = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
+    result = defs.resolve_job_def(job_name).execute_in_process(
+        instance=instance, raise_on_error=False, tags=tags,
+        run_config={**kwargs.pop("run_config", {}), **quiet}, **kwargs)
+    if not result.success:
+        store.record_run_failure(result.run_id, failure_rows(instance, instance.get_run_by_id(result.run_id),
+                                                             "the run failed"))
+        print(f"run {result.run_id}: FAILED (job {job_name}; DAGSTER_HOME={os.environ['DAGSTER_HOME']})",
+              file=sys.stderr)
+        failures = [e.step_failure_data for e in result.all_events if e.is_step_failure]
+        raise SandError("; ".join((f.user_failure_data and f.user_failure_data.description) or _innermost(f.error)
+                                  for f in failures) or "the run failed")
+    metadata = {event.asset_key.to_user_string(): {k: v.value for k, v in
+                                                   event.step_materialization_data.materialization.metadata.items()}
+                for event in result.get_asset_materialization_events()}
+    return metadata, result.run_id
+
+
 def cmd_ui(args) -> None:
     workspace = Path(__file__).resolve().parent.parent / "workspace.yaml"
     target = ["-w", str(workspace)] if workspace.exists() else ["-m", "sand_assets.definitions"]
@@ -72,6 +132,8 @@ def cmd_ui(args) -> None:
 
 
 def add_commands(sub) -> None:
+    sub.choices["import"].set_defaults(func=cmd_import)  # the engine's arguments, recorded through Dagster
+
     p = sub.add_parser("run", help="run a Dagster job in this process, recorded in DAGSTER_HOME")
     p.add_argument("job", nargs="?", default="quickstart")
     p.set_defaults(func=cmd_run)

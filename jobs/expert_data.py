@@ -14,7 +14,7 @@ from dagster import (
 
 from resources import StoreResource
 from sand.trajectory import ENVS
-from sand_assets.expert_data import eto_inbox_partitions, imported_trajectories
+from sand_assets.expert_data import eto_inbox_partitions, expert_trajectories, imported_trajectories
 
 expert_data_job = define_asset_job(
     "expert_data",
@@ -23,7 +23,12 @@ expert_data_job = define_asset_job(
 )
 
 import_job = define_asset_job("import_eto", selection=[imported_trajectories],
-                              description="Import one ETO file from the inbox (partition = <env>/<file>).")
+                              description="Import one ETO file (partition = <env>/<file>): the inbox's, or the "
+                                          "one at the run config's path (`sand import`).")
+
+compose_expert_job = define_asset_job("compose_expert", selection=AssetSelection.assets(expert_trajectories),
+                                      description="Compose D_0 (expert_trajectories, with its schema check) from "
+                                                  "the current sources: `sand import` runs it after import_eto.")
 
 
 @sensor(job=import_job, minimum_interval_seconds=30, default_status=DefaultSensorStatus.RUNNING,
@@ -42,8 +47,6 @@ def eto_inbox_sensor(context: SensorEvaluationContext, store: StoreResource) -> 
     new = [k for k in keys if k not in known]
     return SensorResult(run_requests=requests,
                         dynamic_partitions_requests=[eto_inbox_partitions.build_add_request(new)] if new else [])
-
-
 
 
 automation_sensor = AutomationConditionSensorDefinition(

@@ -18,6 +18,8 @@ def _store():
 
 
 def cmd_import(args) -> None:
+    """A plain import that writes the store directly, without Dagster (`python -m sand.cli import`); the installed
+    `sand import` (jobs.cli) replaces it with Dagster's jobs, which record the import like an inbox one."""
     from sand import datasets
     from sand.formats import resolve
     from sand.store import Lineage
@@ -29,15 +31,17 @@ def cmd_import(args) -> None:
         expert = datasets.compose_expert(store, Lineage(asset="cli:import"))
     print(f"imported {imported.row_count} {args.env} trajectories from {args.path} as "
           f"'{imported.ref.dataset}' (version {imported.ref.version}{'' if imported.created else ', unchanged'})")
-    _print_resolution(imported)
+    _print_resolution(imported.rows)
     print(f"expert set: {expert.row_count} trajectories (version {expert.ref.version})")
 
 
-def _print_resolution(written) -> None:
+def _print_resolution(rows) -> None:
+    """How many of these imported trajectories (a stored frame) were matched, replayed faithfully, diverged,
+    unmatched, per environment."""
     from sand.formats import resolve
     from sand.trajectory import from_frame
 
-    for env, c in resolve.counts(from_frame(written.rows)).items():
+    for env, c in resolve.counts(from_frame(rows)).items():
         print(f"  {env}: matched {c['matched']}, replayed faithfully {c['replayed']}, diverged {c['diverged']}, "
               f"unmatched {c['unmatched']}")
 
@@ -51,7 +55,7 @@ def cmd_resolve(args) -> None:
     written = datasets.resolve_imports(store, resolve.open_env, Lineage(asset="cli:resolve"), args.dataset or None)
     for w in written:
         print(f"'{w.ref.dataset}': version {w.ref.version}{'' if w.created else ' (unchanged)'}")
-        _print_resolution(w)
+        _print_resolution(w.rows)
     if written:
         expert = datasets.compose_expert(store, Lineage(asset="cli:resolve"))
         print(f"expert set: {expert.row_count} trajectories (version {expert.ref.version})")

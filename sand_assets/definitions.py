@@ -2,7 +2,13 @@
 from dagster import Definitions, PipesSubprocessClient, load_asset_checks_from_modules, load_assets_from_modules
 
 from jobs.experiments import experiment_job
-from jobs.expert_data import automation_sensor, eto_inbox_sensor, expert_data_job, import_job
+from jobs.expert_data import (
+    automation_sensor,
+    compose_expert_job,
+    eto_inbox_sensor,
+    expert_data_job,
+    import_job,
+)
 from jobs.retraining import base_model_sensor, new_data_sensor, run_failure_report
 from resources import AlfWorldResource, ComputeResource, SciWorldResource, StoreResource
 from sand.experiment import load_experiments
@@ -18,7 +24,7 @@ defs = Definitions(
             *(a for e in experiments
               for a in [*build_model_assets(e), *build_loop_assets(e), build_scoreboard_asset(e)])],
     asset_checks=load_asset_checks_from_modules([expert_data]),
-    jobs=[expert_data_job, import_job, *(experiment_job(e) for e in experiments)],
+    jobs=[expert_data_job, import_job, compose_expert_job, *(experiment_job(e) for e in experiments)],
     sensors=[eto_inbox_sensor, automation_sensor, *(base_model_sensor(e) for e in experiments),
              *(new_data_sensor(e) for e in experiments if e.retrain.on_new_data), run_failure_report],
     resources={"store": StoreResource(), "sciworld": SciWorldResource(), "alfworld": AlfWorldResource(),

@@ -150,22 +150,32 @@ def resolution_metadata(written) -> dict[str, int]:
             for name, n in c.items()}
 
 
+class ImportConfig(Config):
+    path: str | None = Field(None, description="the file to import instead of the partition's inbox file "
+                                               "(`sand import`); its name must be the partition's file name")
+    resolve: bool = Field(True, description="match each trajectory to its task and verify it by replay; false "
+                                            "marks them pending (`sand resolve` does it later)")
+
+
 @asset(group_name=GROUP, partitions_def=eto_inbox_partitions, kinds={"python", "parquet"},
        code_version=code_version("sand.formats.eto", "sand.formats.resolve", "sand.datasets", "sand.store",
                                  "sand.envs.sciworld", "sand.envs.alfworld", prompts=True))
-def imported_trajectories(context: AssetExecutionContext, store: StoreResource, sciworld: SciWorldResource,
-                          alfworld: AlfWorldResource) -> MaterializeResult:
-    """An ETO/ShareGPT file from the inbox, validated record by record (a bad file stores nothing); each
-    trajectory is matched to its environment task and verified by replay."""
+def imported_trajectories(context: AssetExecutionContext, config: ImportConfig, store: StoreResource,
+                          sciworld: SciWorldResource, alfworld: AlfWorldResource) -> MaterializeResult:
+    """An ETO/ShareGPT file from the inbox (or the run config's `path`: `sand import`), validated record by
+    record (a bad file stores nothing); each trajectory is matched to its environment task and verified by
+    replay."""
     env, name = context.partition_key.split("/", 1)
-    path = store.inbox(env) / name
+    path = Path(config.path) if config.path else store.inbox(env) / name
+    if path.name != name:
+        raise Failure(description=f"{path}: partition {context.partition_key} imports a file named {name}")
     lineage = lineage_for(context)
+    open_env = (lambda e: sciworld.open() if e == "sciworld" else alfworld.open()) if config.resolve else None
     try:
-        written = datasets.import_eto(store.store(), path, env, lineage,
-                                      open_env=lambda e: sciworld.open() if e == "sciworld" else alfworld.open())
+        written = datasets.import_eto(store.store(), path, env, lineage, open_env=open_env)
     except SandError as exc:
         raise Failure(description=str(exc)) from None
-    return dataset_result(written, **resolution_metadata(written))
+    return dataset_result(written, new_version=written.created, **resolution_metadata(written))
 
 
 @asset(group_name=GROUP, kinds={"python", "parquet"},

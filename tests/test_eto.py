@@ -100,3 +100,39 @@ def test_cli_import_sql_and_rejection(sand_home, tmp_path):
     exported = sand("export", str(out), "--env", "alfworld", env=env)
     assert exported.returncode == 0 and "wrote 2 trajectories" in exported.stdout
     assert len(json.loads(out.read_text())) == 2
+
+
+def test_installed_import_is_recorded_by_dagster(sand_home, tmp_path, capsys):
+    """The installed `sand import` (jobs.cli) is an inbox import's Dagster runs: partition <env>/<file name> of
+    imported_trajectories from the file where it is, then expert_trajectories; a rejected file changes nothing."""
+    from dagster import AssetKey, DagsterInstance, DagsterRunStatus
+
+    from jobs.cli import main
+
+    main(["import", str(SAMPLE), "--env", "alfworld", "--no-resolve"])
+    out = capsys.readouterr().out
+    assert "imported 2 alfworld trajectories" in out and "'import/eto_alfworld_sample'" in out
+    assert "expert set: 2 trajectories" in out and "runs: import_eto " in out
+    store = Store()
+    expert, version = store.read("trajectories", datasets.EXPERT), store.head("trajectories", datasets.EXPERT).version
+    assert sorted(expert["id"]) == ["alfworld_demo_0", "alfworld_demo_1"]
+    assert set(expert["resolution"]) == {"pending"}  # --no-resolve
+    with DagsterInstance.get() as instance:
+        [imported] = instance.fetch_materializations(AssetKey("imported_trajectories"), limit=10).records
+        [composed] = instance.fetch_materializations(AssetKey("expert_trajectories"), limit=10).records
+        assert imported.partition_key == "alfworld/eto_alfworld_sample.json"
+        assert imported.storage_id < composed.storage_id
+        assert composed.asset_materialization.tags["dagster/data_version"] == version
+
+    bad = _broken(tmp_path, lambda r: r[1]["conversations"][5].update({"value": "no action here"}))
+    with pytest.raises(SystemExit) as exit:
+        main(["import", bad, "--env", "alfworld", "--no-resolve"])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2
+    assert bad in err and "alfworld_demo_1" in err and "conversations[5].value" in err
+    assert store.head("trajectories", datasets.EXPERT).version == version
+    assert [r.dataset for r in store.datasets("source_trajectories")] == ["import/eto_alfworld_sample"]
+    with DagsterInstance.get() as instance:
+        [failed] = [r for r in instance.get_runs() if r.status == DagsterRunStatus.FAILURE]
+        assert (failed.job_name, failed.tags["dagster/partition"]) == ("import_eto", "alfworld/broken.json")
+        assert len(instance.fetch_materializations(AssetKey("expert_trajectories"), limit=10).records) == 1

@@ -113,9 +113,10 @@ def page(ui):
 
 
 def settled(page) -> None:
-    """Wait for the page's animations and CSS transitions to end (a dialog fades in), so a screenshot shows the
-    page as a user sees it."""
-    page.wait_for_function("() => document.getAnimations().every(a => a.playState !== 'running')")
+    """Wait for the page's finite animations and CSS transitions to end (a dialog fades in; spinners never end), so
+    a screenshot shows the page as a user sees it."""
+    page.wait_for_function("() => document.getAnimations().every("
+                           "a => a.playState !== 'running' || a.effect.getTiming().iterations === Infinity)")
 
 
 def test_asset_graph_shows_the_loop(ui, page):

@@ -18,6 +18,11 @@ from sand.stats import LEVEL, N_BOOT, bootstrap_ci, paired_comparison
 from sand.store import Lineage, Store
 
 SEED = 0
+# Per-episode shares of steps, compared in pairs besides the reward: what a small agent learns first (the ReAct
+# format, then actions the environment accepts) shows there while its rewards are still zero.
+STEP_SHARES = {"well_formed": ("replies with an action", "1 - format_errors / greatest(steps, 1)"),
+               "accepted": ("actions the environment accepted",
+                            "1 - (format_errors + invalid_actions) / greatest(steps, 1)")}
 METRICS = ("avg_reward", "success_rate", "format_error_rate", "deliberation_rate", "tokens_per_task")
 SCOREBOARD_SCHEMA = {"agent": pl.Utf8, "iteration": pl.Int32, "env": pl.Utf8, "split": pl.Utf8,
                      "episodes": pl.Int64, "avg_reward": pl.Float64, "ci_lo": pl.Float64, "ci_hi": pl.Float64,
@@ -30,7 +35,8 @@ def _read(store: Store, experiment: str, summary: bool = False) -> tuple[pl.Data
     """The experiment's current episodes, agents in training order (base, sft, iter_1, ...), and, if asked,
     its `evaluation_summary` rows: one catalog connection (declaring the views is most of a query's cost)."""
     with store.connect() as con:
-        episodes = con.sql("select agent, iteration, env, split, task_id, reward, version from evaluations "
+        shares = "".join(f"{sql} as {name}, " for name, (_, sql) in STEP_SHARES.items())
+        episodes = con.sql(f"select agent, iteration, env, split, task_id, reward, {shares}version from evaluations "
                            "where experiment = ? order by coalesce(iteration, -1), agent, env, split, task_id",
                            params=[experiment]).pl()
         metrics = con.sql(f"select agent, iteration, env, split, episodes, {', '.join(METRICS)} "
@@ -42,9 +48,9 @@ def _agents(episodes: pl.DataFrame) -> list[str]:
     return list(dict.fromkeys(episodes["agent"]))
 
 
-def _rewards(episodes: pl.DataFrame, agent: str) -> dict[tuple[str, str, str], float]:
+def _rewards(episodes: pl.DataFrame, agent: str, column: str = "reward") -> dict[tuple[str, str, str], float]:
     rows = episodes.filter(pl.col("agent") == agent)
-    return {(r["env"], r["split"], r["task_id"]): r["reward"] for r in rows.iter_rows(named=True)}
+    return {(r["env"], r["split"], r["task_id"]): r[column] for r in rows.iter_rows(named=True)}
 
 
 def _intervals(episodes: pl.DataFrame, agent: str) -> list[dict]:
@@ -111,10 +117,11 @@ def _comparisons(episodes: pl.DataFrame, experiment: str, baseline: str) -> pl.D
     return _x100(pl.DataFrame(rows, schema=COMPARISON_SCHEMA), "mean_diff", "lo", "hi")
 
 
-def comparison_line(episodes: pl.DataFrame, agent: str, baseline: str) -> str:
+def comparison_line(episodes: pl.DataFrame, agent: str, baseline: str, column: str = "reward") -> str:
     """`agent vs baseline: +x.x [lo, hi] (n tasks, won/lost/tied)` over every task both were evaluated on
-    (all splits pooled, so splits weigh by their episodes), reward x100."""
-    p = paired_comparison(_rewards(episodes, agent), _rewards(episodes, baseline), seed=SEED)
+    (all splits pooled, so splits weigh by their episodes), the episodes' `column` (reward, or a STEP_SHARES name)
+    x100."""
+    p = paired_comparison(_rewards(episodes, agent, column), _rewards(episodes, baseline, column), seed=SEED)
     if not p.n:
         return f"{agent} vs {baseline}: no common tasks"
     return (f"{agent} vs {baseline}: {100 * p.mean_diff:+.1f} [{100 * p.lo:+.1f}, {100 * p.hi:+.1f}] "
@@ -162,7 +169,8 @@ def _pivot(board: pl.DataFrame, values: pl.Expr) -> pl.DataFrame:
 
 def format_report(store: Store, experiment: str, vs: list[str] | None = None) -> str:
     """The scoreboard as text: average reward with its interval, success, format errors, deliberation rate
-    and tokens per agent and split; the per-split paired comparisons; then one line per comparison,
+    and tokens per agent and split; the per-split paired comparisons; one line per comparison of each step
+    share (STEP_SHARES); last, one line per comparison of rewards,
     `agent vs baseline: +x.x [lo, hi] (n tasks, won/lost/tied)`. `vs`: the baselines (default: every agent
     against each agent before it in training order)."""
     episodes, summary = _read(store, experiment, summary=True)
@@ -189,6 +197,9 @@ def format_report(store: Store, experiment: str, vs: list[str] | None = None) ->
         parts.append(f"\nvs {baseline}: mean difference x100 [95% paired bootstrap interval], tasks won/lost/tied\n"
                      + _table(_pivot(table, pl.format("{} [{}, {}] {}/{}/{}", pl.col("mean_diff"), pl.col("lo"),
                                                       pl.col("hi"), "won", "lost", "tied"))))
-    parts.append("")
+    for name, (label, _) in STEP_SHARES.items():
+        parts.append(f"\nshare of steps x100 with {label}, paired:")
+        parts += [comparison_line(episodes, a, b, name) for a, b in pairs]
+    parts.append("\naverage reward x100, paired:")
     parts += [comparison_line(episodes, a, b) for a, b in pairs]
     return "\n".join(parts)

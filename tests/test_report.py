@@ -112,6 +112,13 @@ def test_report_prints_intervals_and_one_line_per_comparison(store, capsys):
     last = out.strip().splitlines()[-1]
     p = paired_comparison({"a": 1.0, "b": 0.0, "c": 0.5, "d": 1.0}, {"a": 0.0, "b": 0.0, "c": 0.0, "d": 0.0})
     assert last == (f"sft vs base: +62.5 [{100 * p.lo:+.1f}, {100 * p.hi:+.1f}] (4 tasks, won/lost/tied 3/0/1)")
+    # Before the rewards, the same comparison of each episode's share of steps: base's replies never had an
+    # action; sft's had one at 90% / 100% / 90% / 100% of its episodes' steps, accepted at 90% / 50% / 90% / 100%.
+    lines = out.strip().splitlines()
+    formed = lines[lines.index("share of steps x100 with replies with an action, paired:") + 1]
+    accepted = lines[lines.index("share of steps x100 with actions the environment accepted, paired:") + 1]
+    assert formed.startswith("sft vs base: +95.0 [") and formed.endswith("(4 tasks, won/lost/tied 4/0/0)")
+    assert accepted.startswith("sft vs base: +82.5 [") and accepted.endswith("(4 tasks, won/lost/tied 4/0/0)")
     main(["report", "exp", "--vs", "sft"])
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("base vs sft: -62.5 [")
     with pytest.raises(SystemExit):

@@ -197,9 +197,20 @@ def format_report(store: Store, experiment: str, vs: list[str] | None = None) ->
         parts.append(f"\nvs {baseline}: mean difference x100 [95% paired bootstrap interval], tasks won/lost/tied\n"
                      + _table(_pivot(table, pl.format("{} [{}, {}] {}/{}/{}", pl.col("mean_diff"), pl.col("lo"),
                                                       pl.col("hi"), "won", "lost", "tied"))))
+    return "\n".join([*parts, "", *_paired_lines(episodes, pairs)])
+
+
+def paired_lines(store: Store, experiment: str) -> list[str]:
+    """The report's closing lines: every agent against each agent before it in training order, pooled over all
+    tasks, for each step share and last for the reward (`comparison_line`), each block under its heading."""
+    episodes = _read(store, experiment)[0]
+    agents = _agents(episodes)
+    return _paired_lines(episodes, [(a, b) for i, a in enumerate(agents) for b in agents[:i]])
+
+
+def _paired_lines(episodes: pl.DataFrame, pairs: list[tuple[str, str]]) -> list[str]:
+    lines = []
     for name, (label, _) in STEP_SHARES.items():
-        parts.append(f"\nshare of steps x100 with {label}, paired:")
-        parts += [comparison_line(episodes, a, b, name) for a, b in pairs]
-    parts.append("\naverage reward x100, paired:")
-    parts += [comparison_line(episodes, a, b) for a, b in pairs]
-    return "\n".join(parts)
+        lines += [f"share of steps x100 with {label}, paired:", *(comparison_line(episodes, a, b, name)
+                                                                  for a, b in pairs), ""]
+    return [*lines, "average reward x100, paired:", *(comparison_line(episodes, a, b) for a, b in pairs)]

@@ -19,7 +19,7 @@ from dagster import (
 from resources import StoreResource
 from sand.charts import scoreboard_chart
 from sand.experiment import Experiment
-from sand.report import comparisons, scoreboard
+from sand.report import comparisons, paired_lines, scoreboard
 from sand.store import content_hash
 from sand.versioning import code_version
 
@@ -44,7 +44,8 @@ def _by_split(board: pl.DataFrame, cell: pl.Expr) -> str:
     return _markdown_table(cells.pivot(on="split", index="agent", values="cell", sort_columns=True))
 
 
-def scoreboard_markdown(board: pl.DataFrame, versus: pl.DataFrame, chart_png: bytes, experiment: str) -> str:
+def scoreboard_markdown(board: pl.DataFrame, versus: pl.DataFrame, chart_png: bytes, experiment: str,
+                        paired: list[str] = ()) -> str:
     image = base64.b64encode(chart_png).decode()
     parts = [f"## {experiment}: average reward x100 [95% bootstrap interval]", "",
              _by_split(board, pl.format("{} [{}, {}]", "avg_reward", "ci_lo", "ci_hi")), "",
@@ -53,6 +54,8 @@ def scoreboard_markdown(board: pl.DataFrame, versus: pl.DataFrame, chart_png: by
         parts += ["## against sft: mean difference x100 [95% paired interval], tasks won/lost/tied", "",
                   _by_split(versus, pl.format("{} [{}, {}] {}/{}/{}", "mean_diff", "lo", "hi", "won", "lost", "tied")),
                   ""]
+    if paired:  # over all tasks: `agent vs baseline: +x [lo, hi] (n tasks, won/lost/tied)`, a block per measure
+        parts += ["## paired comparisons over all tasks", "", "```", *paired, "```", ""]
     for metric in ("deliberation_rate", "tokens_per_task", "success_rate", "episodes"):
         parts += [f"## {metric}", "", _by_split(board, pl.col(metric)), ""]
     return "\n".join(parts)
@@ -80,7 +83,8 @@ def build_scoreboard_asset(exp: Experiment) -> AssetsDefinition:
         numbers = {f"{r['agent']}/{r['env']}/{r['split']}/{m}": r[m] for r in board.iter_rows(named=True)
                    for m in NUMERIC if r[m] is not None}
         return MaterializeResult(data_version=DataVersion(version), metadata={
-            "scoreboard": MetadataValue.md(scoreboard_markdown(board, versus, chart.read_bytes(), exp.name)),
+            "scoreboard": MetadataValue.md(scoreboard_markdown(board, versus, chart.read_bytes(), exp.name,
+                                                               paired_lines(db, exp.name))),
             "chart": MetadataValue.path(str(chart)), "agents": len(agents), **numbers})
 
     return scoreboard_asset

@@ -53,6 +53,7 @@ def test_scoreboard_shows_agents_with_intervals_chart_and_plottable_metadata(san
         assert "## against sft" in markdown  # the base model against SFT: -25.0 on the same four tasks
         assert [line for line in markdown.splitlines() if line.startswith("| base ")][1].split("|")[2].strip() \
             .startswith("-25.0 [")
+        assert "sft vs base: +25.0 [" in markdown.split("## paired comparisons over all tasks")[1]  # rewards
         assert run().tags["dagster/data_version"] == first.tags["dagster/data_version"]  # same evaluations
 
         # A SAND iteration lands: a new row, its comparison with SFT, its deliberation rate.

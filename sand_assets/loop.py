@@ -43,17 +43,18 @@ def build_loop_assets(exp: Experiment) -> list[AssetsDefinition]:
 
 
 def _iteration(exp: Experiment, k: int, data_key: AssetKey, checkpoint_key: AssetKey) -> list[AssetsDefinition]:
-    s, group, code = exp.sand, exp.name, stages.stage_code("loop")
+    s, group = exp.sand, exp.name
+    code = {stage: stages.stage_code(stage) for stage in ("sampling", "critique", "synthesis")}
     keys = {name: _key(exp, k, name) for name in ("candidate_samples", "rollouts", "action_critiques",
                                                   "deliberations", "deliberation_dataset")}
 
     @asset(key=keys["candidate_samples"], group_name=group, deps=[data_key, checkpoint_key], pool="gpu",
-           kinds={"python", "parquet"}, code_version=code,
+           kinds={"python", "parquet"}, code_version=code["sampling"],
            description=f"Self-consistency sampling: pi_{k - 1} samples {s.n_samples} actions at every step of "
                        f"D_{k - 1}; steps whose candidates disagree are uncertain.")
     def candidate_samples(context: AssetExecutionContext, store: StoreResource,
                           compute: ComputeResource) -> MaterializeResult:
-        result = stages.sample(exp, store.store(), k, backends(exp, compute), lineage_of(context), code,
+        result = stages.sample(exp, store.store(), k, backends(exp, compute), lineage_of(context), code["sampling"],
                                context.log.info)
         return dataset_result(result.written["candidates"], **result.counts)
 
@@ -61,15 +62,16 @@ def _iteration(exp: Experiment, k: int, data_key: AssetKey, checkpoint_key: Asse
 
     @multi_asset(name="__".join(keys["action_critiques"].path), group_name=group, pool="gpu", specs=[
         AssetSpec(keys["rollouts"], deps=[data_key, keys["candidate_samples"], checkpoint_key],
-                  kinds={"python", "parquet"}, code_version=code,
+                  kinds={"python", "parquet"}, code_version=code["critique"],
                   description=f"Execution-guided rollouts: every candidate of an uncertain step executed, then "
                               f"pi_{k - 1} plays on."),
-        AssetSpec(keys["action_critiques"], deps=[keys["rollouts"]], kinds={"python", "parquet"}, code_version=code,
+        AssetSpec(keys["action_critiques"], deps=[keys["rollouts"]], kinds={"python", "parquet"},
+                  code_version=code["critique"],
                   description="The frozen critic's verdict and insight on each rolled-out candidate.")])
     def action_critiques(context: AssetExecutionContext, store: StoreResource, compute: ComputeResource,
                          sciworld: SciWorldResource, alfworld: AlfWorldResource):
         result = stages.critique(exp, store.store(), k, backends(exp, compute), environments(sciworld, alfworld),
-                                 lineage_of(context, critique_keys), code, context.log.info)
+                                 lineage_of(context, critique_keys), code["critique"], context.log.info)
         counts = result.counts
         yield dataset_result(result.written["rollouts"], keys["rollouts"], rollouts=counts["rollouts"])
         yield dataset_result(result.written["critiques"], keys["action_critiques"],
@@ -78,11 +80,11 @@ def _iteration(exp: Experiment, k: int, data_key: AssetKey, checkpoint_key: Asse
     synthesis_keys = {"deliberations": keys["deliberations"], "trajectories": keys["deliberation_dataset"]}
 
     @multi_asset(name="__".join(keys["deliberation_dataset"].path), group_name=group, pool="gpu", specs=[
-        AssetSpec(keys["deliberations"], kinds={"python", "parquet"}, code_version=code,
+        AssetSpec(keys["deliberations"], kinds={"python", "parquet"}, code_version=code["synthesis"],
                   deps=[data_key, keys["candidate_samples"], keys["rollouts"], keys["action_critiques"]],
                   description="The writer's deliberation thought at each uncertain step (or its fallback)."),
         AssetSpec(keys["deliberation_dataset"], deps=[keys["deliberations"]], kinds={"python", "parquet"},
-                  code_version=code,
+                  code_version=code["synthesis"],
                   description=f"D_{k}: the deliberation thought replaces the thought at uncertain steps, ending at the "
                               "expert action; confident steps keep theirs, and trajectories outside the "
                               "deliberated share are carried over unchanged.")],

@@ -16,7 +16,8 @@ from sand.models.registry import model_hash, tiny_model
 from sand.versioning import code_version, import_closure
 
 ENGINE = Path(versioning.__file__).resolve().parent
-STAGES = ("d0", "loop", "finetune", "evaluation")
+STAGES = ("d0", "sampling", "critique", "synthesis", "finetune", "evaluation")
+LOOP = ("sampling", "critique", "synthesis")
 # The checkpoint folder's identity has a code version of its own: what sand.models.checkpoints.plan_training hashes.
 CHECKPOINT_CODE = (("sand.training.sft", "sand.react"), True)
 
@@ -78,20 +79,25 @@ def test_code_changes_invalidate_what_runs_them_and_nothing_else(engine_copy, ca
     # A comment in the CLI: no stage runs it.
     edited(engine_copy, "sand/cli.py", lambda text: text + "\n# reformatted\n")
     assert versions_in(engine_copy, calls) == before
+    # The report (what an evaluation records besides its episodes): the evaluation stage runs it, no other stage.
+    edited(engine_copy, "sand/report.py", lambda text: text.replace("SEED = 0", "SEED = 1"))
+    after_report = versions_in(engine_copy, calls)
+    assert [stage for stage in after_report if after_report[stage] != before[stage]] == ["evaluation"]
+    before = after_report
     # The transformers backend (reached through sand.models.backends): sampling, training and evaluation run it.
     edited(engine_copy, "sand/models/backends/transformers.py",
            lambda text: text.replace("padding_side=\"left\"", "padding_side=\"right\""))
     after_backend = versions_in(engine_copy, calls)
-    for stage in ("loop", "finetune", "evaluation", "checkpoint"):
+    for stage in (*LOOP, "finetune", "evaluation", "checkpoint"):
         assert after_backend[stage] != before[stage], stage
     # An environment module (the environments are opened by resources, outside the engine's imports).
     edited(engine_copy, "sand/envs/sciworld.py", lambda text: text + "\nLIMIT = 1\n")
     after_env = versions_in(engine_copy, calls)
-    assert after_env["loop"] != after_backend["loop"] and after_env["evaluation"] != after_backend["evaluation"]
+    assert all(after_env[stage] != after_backend[stage] for stage in ("critique", "evaluation"))
     # A prompt template (a data file of sand.prompts).
     edited(engine_copy, "sand/prompts/critique.txt", lambda text: text + "\n")
     after_prompt = versions_in(engine_copy, calls)
-    assert all(after_prompt[stage] != after_env[stage] for stage in ("loop", "finetune", "evaluation"))
+    assert all(after_prompt[stage] != after_env[stage] for stage in (*LOOP, "finetune", "evaluation"))
 
 
 def test_closure_follows_lazy_relative_and_by_name_imports(tmp_path):

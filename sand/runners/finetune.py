@@ -1,0 +1,49 @@
+"""Finetuning: pi_k trained on D_k (pi_0: SFT on D_0)."""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import polars as pl
+
+from sand.experiment import Experiment
+from sand.models.checkpoints import TrainPlan, checkpoint_dataset, checkpoint_row, plan_training
+from sand.preflight import check_experiment
+from sand.runners.common import (
+    LineageOf,
+    Log,
+    StageResult,
+    _logger,
+    iteration_dataset,
+    stage_lineage,
+)
+from sand.runners.inputs import checkpoint
+from sand.store import Store
+
+
+def train_here(plan: TrainPlan) -> dict:
+    """Train in this process (the Dagster asset launches the same training in a child process instead)."""
+    from sand.training.sft import train
+
+    return train(plan.spec)
+
+
+def finetune(exp: Experiment, store: Store, k: int, lineage_of: LineageOf,
+             train: Callable[[TrainPlan], dict] = train_here, log: Log = _logger.info) -> StageResult:
+    """pi_k: the base model trained on D_0 (k = 0), or pi_{k-1} on D_k (continued, not restarted). A plan
+    already trained (same base, data, start, settings and training code) is found, not trained again."""
+    check_experiment(exp)
+    data = store.head("trajectories", iteration_dataset(exp, k))
+    if data is None:
+        raise LookupError(f"{exp.name}: no {iteration_dataset(exp, k)} in {store.home} to train on")
+    init = checkpoint(store, exp, k - 1)[1] if k > 0 else None
+    plan = plan_training(exp, store, k, data, init)
+    log(f"training {plan.output} on {data.dataset}@{data.version}")
+    metrics = train(plan)
+    lineage = stage_lineage(lineage_of, "checkpoints", k, [data], checkpoint=str(plan.output),
+                            base_model_hash=plan.base_model_hash)
+    row = checkpoint_row(exp, plan, lineage.asset, k, metrics)
+    written = store.write("checkpoints", checkpoint_dataset(exp, k), pl.DataFrame([row]), lineage)
+    return StageResult({"checkpoints": written}, {
+        "examples": metrics["examples"], "train_steps": metrics["steps"], "final_loss": metrics["final_loss"],
+        "seconds": metrics["seconds"], "tokens_per_second": metrics["tokens_per_second"],
+        "resumed": metrics.get("resumed", False)})

@@ -1,0 +1,58 @@
+"""Deliberation synthesis: thoughts at uncertain steps, and D_k."""
+from __future__ import annotations
+
+from sand.experiment import Experiment
+from sand.models.serving import (
+    BackendFactory,
+    critic_backend,
+    critic_model,
+)
+from sand.preflight import check_experiment
+from sand.runners.common import (
+    LineageOf,
+    Log,
+    StageResult,
+    _logger,
+    iteration_dataset,
+    stage_lineage,
+)
+from sand.runners.inputs import previous_data
+from sand.sand_loop.quality import deliberation_quality
+from sand.sand_loop.synthesis import synthesize as synthesize_deliberations
+from sand.sand_loop.tables import (
+    candidates_from_frame,
+    critiques_from_frame,
+    deliberations_frame,
+    rollouts_from_frame,
+)
+from sand.store import Store
+from sand.trajectory import to_frame
+
+
+def synthesize(exp: Experiment, store: Store, k: int, backends: BackendFactory, lineage_of: LineageOf,
+               log: Log = _logger.info) -> StageResult:
+    """D_k: the writer's deliberation thought replaces the thought at uncertain steps, ending at the expert
+    action; confident steps keep theirs, and trajectories outside the deliberated share are carried over
+    unchanged. Writes `deliberations` and D_k in `trajectories`."""
+    check_experiment(exp)
+    s = exp.sand
+    name = iteration_dataset(exp, k)
+    data, previous, trajectories = previous_data(store, exp, k, log)
+    refs = {t: store.head(t, name) for t in ("candidates", "rollouts", "critiques")}
+    candidates = candidates_from_frame(store.read("candidates", name)) if s.self_consistency else None
+    critiques = critiques_from_frame(store.read("critiques", name)) if s.critique and s.self_consistency else None
+    rollouts = rollouts_from_frame(store.read("rollouts", name)) if critiques is not None else None
+    with critic_backend(exp, backends) as writer:
+        result = synthesize_deliberations(writer, trajectories, candidates, critiques, rollouts, s.expert_switch,
+                                          max_new_tokens=s.writer_max_new_tokens)
+    inputs = [data, *refs.values()]
+    deliberations = store.write("deliberations", name, deliberations_frame(result.deliberations),
+                                stage_lineage(lineage_of, "deliberations", k, inputs))
+    made = {t.id: d for t, d in zip(trajectories, result.dataset, strict=True)}
+    dk = to_frame([made.get(t.id, t) for t in previous])  # D_{k-1}'s order; the rest carried unchanged
+    written = store.write("trajectories", name, dk, stage_lineage(
+        lineage_of, "trajectories", k, [*inputs, deliberations.ref], writer=critic_model(exp)))
+    log(f"{len(result.deliberations)} deliberations, {result.fallbacks} fallbacks")
+    return StageResult({"deliberations": deliberations, "trajectories": written}, {
+        "deliberations": len(result.deliberations), "fallbacks": result.fallbacks, "retries": result.retries,
+        "switched": len(result.switched), **deliberation_quality(result.deliberations)})

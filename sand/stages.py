@@ -31,7 +31,7 @@ from sand.runners.common import (
     LineageOf,
     Log,
     StageResult,
-    _logger,
+    default_log,
     iteration_dataset,
     work_dir,
 )
@@ -59,7 +59,7 @@ def stage_code(stage: str) -> str:
 
 
 def run_iteration(exp, store: Store, k: int, backends: BackendFactory, envs: Envs, lineage_of: LineageOf,
-                  train: Callable[[TrainPlan], dict] = train_here, log: Log = _logger.info) -> dict[str, StageResult]:
+                  train: Callable[[TrainPlan], dict] = train_here, log: Log = default_log) -> dict[str, StageResult]:
     """SAND iteration k from the store: D_{k-1} and pi_{k-1} -> candidates, rollouts and critiques, D_k,
     pi_k and its evaluation (each stage's result by name)."""
     results = {"sample": sample(exp, store, k, backends, lineage_of, stage_code("sampling"), log)}

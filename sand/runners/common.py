@@ -12,8 +12,9 @@ from sand.envs.base import Environment
 from sand.experiment import Experiment
 from sand.store import DatasetRef, Lineage, Store, WriteResult
 
-_logger = logging.getLogger(__name__)
 Log = Callable[[str], None]
+# Where a stage reports progress when its caller gives no `log` (the Dagster assets pass their context's).
+default_log: Log = logging.getLogger(__package__).info
 LineageOf = Callable[[str], Lineage]
 
 # A synthesis whose writer failed validation on more than this share of its deliberations put mostly

@@ -18,7 +18,7 @@ from sand.runners.common import (
     LineageOf,
     Log,
     StageResult,
-    _logger,
+    default_log,
     iteration_dataset,
     stage_lineage,
     work_dir,
@@ -39,7 +39,7 @@ from sand.worklog import WorkLog
 
 
 def critique(exp: Experiment, store: Store, k: int, backends: BackendFactory, envs: Envs, lineage_of: LineageOf,
-             code: str, log: Log = _logger.info) -> StageResult:
+             code: str, log: Log = default_log) -> StageResult:
     """Execution-guided critique: every candidate of an uncertain step is executed and rolled out by
     pi_{k-1}; the frozen critic writes a critique of each. Writes `rollouts` and `critiques`."""
     check_experiment(exp)

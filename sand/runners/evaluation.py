@@ -16,7 +16,7 @@ from sand.runners.common import (
     EvaluationResult,
     LineageOf,
     Log,
-    _logger,
+    default_log,
     stage_lineage,
     work_dir,
 )
@@ -27,7 +27,7 @@ from sand.worklog import WorkLog
 
 
 def evaluate_agent(exp: Experiment, store: Store, agent: str, iteration: int | None, backends: BackendFactory,
-                   envs: Envs, lineage_of: LineageOf, code: str, log: Log = _logger.info) -> EvaluationResult:
+                   envs: Envs, lineage_of: LineageOf, code: str, log: Log = default_log) -> EvaluationResult:
     """Greedy episodes of `agent` ("base": the base model; else pi_iteration) on the experiment's evaluation
     splits; one row per episode in `evaluations` <exp>/<agent>. Finished episodes are reused for the same
     agent weights, backend and evaluation settings."""

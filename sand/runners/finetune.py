@@ -12,7 +12,7 @@ from sand.runners.common import (
     LineageOf,
     Log,
     StageResult,
-    _logger,
+    default_log,
     iteration_dataset,
     stage_lineage,
 )
@@ -28,7 +28,7 @@ def train_here(plan: TrainPlan) -> dict:
 
 
 def finetune(exp: Experiment, store: Store, k: int, lineage_of: LineageOf,
-             train: Callable[[TrainPlan], dict] = train_here, log: Log = _logger.info) -> StageResult:
+             train: Callable[[TrainPlan], dict] = train_here, log: Log = default_log) -> StageResult:
     """pi_k: the base model trained on D_0 (k = 0), or pi_{k-1} on D_k (continued, not restarted). A plan
     already trained (same base, data, start, settings and training code) is found, not trained again."""
     check_experiment(exp)

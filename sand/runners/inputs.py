@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from sand.experiment import Experiment
 from sand.models.checkpoints import checkpoint_dataset
-from sand.runners.common import Log, _logger, iteration_dataset
+from sand.runners.common import Log, default_log, iteration_dataset
 from sand.selection import replayable, training_subset
 from sand.store import DatasetRef, Store
 from sand.trajectory import Trajectory, from_frame
@@ -18,7 +18,7 @@ def checkpoint(store: Store, exp: Experiment, k: int) -> tuple[DatasetRef, str]:
 
 
 def previous_data(store: Store, exp: Experiment, k: int,
-                  log: Log = _logger.info) -> tuple[DatasetRef, list[Trajectory], list[Trajectory]]:
+                  log: Log = default_log) -> tuple[DatasetRef, list[Trajectory], list[Trajectory]]:
     """(ref of D_{k-1}, all its trajectories, those iteration k deliberates over).
 
     Iteration 1 deliberates over the share of D_0 `sand.trajectories` names (all of it by default), later

@@ -12,7 +12,7 @@ from sand.runners.common import (
     LineageOf,
     Log,
     StageResult,
-    _logger,
+    default_log,
     iteration_dataset,
     stage_lineage,
     work_dir,
@@ -28,7 +28,7 @@ from sand.worklog import WorkLog
 
 
 def sample(exp: Experiment, store: Store, k: int, backends: BackendFactory, lineage_of: LineageOf,
-           code: str, log: Log = _logger.info) -> StageResult:
+           code: str, log: Log = default_log) -> StageResult:
     """Self-consistency sampling: pi_{k-1} samples `sand.n_samples` actions at every step of D_{k-1}'s
     deliberated share; steps whose candidates disagree are uncertain."""
     check_experiment(exp)

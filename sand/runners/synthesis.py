@@ -12,7 +12,7 @@ from sand.runners.common import (
     LineageOf,
     Log,
     StageResult,
-    _logger,
+    default_log,
     iteration_dataset,
     stage_lineage,
 )
@@ -30,7 +30,7 @@ from sand.trajectory import to_frame
 
 
 def synthesize(exp: Experiment, store: Store, k: int, backends: BackendFactory, lineage_of: LineageOf,
-               log: Log = _logger.info) -> StageResult:
+               log: Log = default_log) -> StageResult:
     """D_k: the writer's deliberation thought replaces the thought at uncertain steps, ending at the expert
     action; confident steps keep theirs, and trajectories outside the deliberated share are carried over
     unchanged. Writes `deliberations` and D_k in `trajectories`."""

@@ -100,7 +100,7 @@ def _execute(instance, store, job_name: str, tags: dict, **kwargs) -> tuple[dict
     """Run job `job_name` of the definitions (resources bound) in this process: the metadata values of each
     asset it materialized, and its run id. A failed run is recorded in the catalog's run_failures and raises
     SandError with what failed (a Failure's description names the file and record)."""
-    from jobs.retraining import _innermost, failure_rows
+    from jobs.retraining import failure_rows, innermost_error
     from sand.errors import SandError
     from sand_assets.definitions import defs
 
@@ -115,7 +115,7 @@ def _execute(instance, store, job_name: str, tags: dict, **kwargs) -> tuple[dict
         print(f"run {result.run_id}: FAILED (job {job_name}; DAGSTER_HOME={os.environ['DAGSTER_HOME']})",
               file=sys.stderr)
         failures = [e.step_failure_data for e in result.all_events if e.is_step_failure]
-        raise SandError("; ".join((f.user_failure_data and f.user_failure_data.description) or _innermost(f.error)
+        raise SandError("; ".join((f.user_failure_data and f.user_failure_data.description) or innermost_error(f.error)
                                   for f in failures) or "the run failed")
     metadata = {event.asset_key.to_user_string(): {k: v.value for k, v in
                                                    event.step_materialization_data.materialization.metadata.items()}

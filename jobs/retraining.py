@@ -154,7 +154,7 @@ def new_data_sensor(exp: Experiment) -> SensorDefinition:
     return _sensor
 
 
-def _innermost(error):
+def innermost_error(error):
     # Dagster wraps a step's exception (DagsterExecutionStepExecutionError); the user's one is the last cause.
     while error.cause is not None:
         error = error.cause
@@ -171,7 +171,7 @@ def failure_rows(instance: DagsterInstance, run: DagsterRun, run_message: str) -
     for record in instance.get_records_for_run(run.run_id, of_type=DagsterEventType.STEP_FAILURE).records:
         event = record.event_log_entry.dagster_event
         rows.append({"run_id": run.run_id, "job": run.job_name, "step": event.step_key,
-                     "assets": assets.get(event.step_key, []), "error": _innermost(event.step_failure_data.error),
+                     "assets": assets.get(event.step_key, []), "error": innermost_error(event.step_failure_data.error),
                      "failed_at": datetime.fromtimestamp(record.event_log_entry.timestamp, timezone.utc)})
     if not rows:
         record = instance.get_run_record_by_id(run.run_id)

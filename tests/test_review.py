@@ -1,8 +1,8 @@
 """The readable view of deliberated steps: original thought, candidates with execution and critique, the
 deliberation that replaced the thought."""
 from sand.sand_loop.critique import Critique, candidate_key
+from sand.sand_loop.deliberation import Deliberation
 from sand.sand_loop.review import render_deliberations
-from sand.sand_loop.synthesis import Deliberation
 from sand.trajectory import Step, Trajectory
 
 

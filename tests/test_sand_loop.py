@@ -22,7 +22,6 @@ from sand.models.backends import SamplingParams, TransformersBackend
 from sand.models.registry import tiny_model
 from sand.react import assistant_turn, conversation
 from sand.rollout import RolloutEngine
-from sand.sand_loop import DELIBERATION_PREFIX
 from sand.sand_loop.actions import mentions, normalize
 from sand.sand_loop.critique import (
     VERDICTS,
@@ -43,7 +42,7 @@ from sand.sand_loop.sampling import (
     collect_candidates,
     sample_candidates,
 )
-from sand.sand_loop.synthesis import check, dataset_id, synthesize, validate
+from sand.sand_loop.synthesis import DELIBERATION_PREFIX, check, dataset_id, synthesize, validate
 from sand.sand_loop.tables import (
     candidates_frame,
     candidates_from_frame,
@@ -356,6 +355,9 @@ CANDIDATES = ["go to drawer 1", "go to drawer 2", "open drawer 1"]
      'calls "go to drawer 2" bad, but its evidence says it advanced'),
     ('"open drawer 1" did not help at all, and "go to drawer 2" is not bad. So I will "go to drawer 1".', None),
     ('"open drawer 1" would not be useful. "go to drawer 2" could help. So I will "go to drawer 1".', None),
+    # Quoted text is an action's name or what the environment said, not the writer's judgement.
+    ('"open drawer 1" is not possible here ("Unknown action, see the list of possible objects that help"), a '
+     'wasted step. "go to drawer 2" shows "You fail to see a bad thing." So I will "go to drawer 1".', None),
 ])
 def test_validator_rejects_degenerate_and_untrue_thoughts(thought, reason):
     evidence = {"go to drawer 1": "no effect", "go to drawer 2": "advanced", "open drawer 1": "hindered"}

@@ -83,7 +83,11 @@ def test_code_changes_invalidate_what_runs_them_and_nothing_else(engine_copy, ca
     edited(engine_copy, "sand/report.py", lambda text: text.replace("SEED = 0", "SEED = 1"))
     after_report = versions_in(engine_copy, calls)
     assert [stage for stage in after_report if after_report[stage] != before[stage]] == ["evaluation"]
-    before = after_report
+    # The writer's validator: the synthesis stage runs it; sampling and critique (upstream) do not.
+    edited(engine_copy, "sand/sand_loop/synthesis.py", lambda text: text.replace("{1,300}", "{1,299}"))
+    after_writer = versions_in(engine_copy, calls)
+    assert [stage for stage in after_writer if after_writer[stage] != after_report[stage]] == ["synthesis"]
+    before = after_writer
     # The transformers backend (reached through sand.models.backends): sampling, training and evaluation run it.
     edited(engine_copy, "sand/models/backends/transformers.py",
            lambda text: text.replace("padding_side=\"left\"", "padding_side=\"right\""))

@@ -4,7 +4,7 @@ so a UI can plot them across runs; rates are None-free (0.0 over no rows)."""
 from __future__ import annotations
 
 from sand.sand_loop.critique import VERDICTS, Critique
-from sand.sand_loop.synthesis import Deliberation
+from sand.sand_loop.deliberation import Deliberation
 
 
 def _rate(part: int, whole: int) -> float:

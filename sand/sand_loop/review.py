@@ -4,7 +4,7 @@ original. Markdown (the Dagster UI renders it in the deliberations asset's metad
 from __future__ import annotations
 
 from sand.sand_loop.critique import Critique, candidate_key
-from sand.sand_loop.synthesis import Deliberation
+from sand.sand_loop.deliberation import Deliberation
 from sand.sand_loop.tables import critiques_from_frame, deliberations_from_frame
 from sand.store import Store
 from sand.trajectory import Trajectory, from_frame

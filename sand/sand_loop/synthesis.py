@@ -45,6 +45,7 @@ from sand.sand_loop.critique import (
     history_text,
     task_goal,
 )
+from sand.sand_loop.deliberation import Deliberation
 from sand.sand_loop.sampling import StepCandidates
 from sand.sand_loop.texts import blames, praises, repeats_sentence, sentences
 from sand.trajectory import Step, Trajectory
@@ -56,22 +57,6 @@ _SENTENCE_END = re.compile(r"[.!?][\"”']?(?=\s|$)")
 _QUOTED = re.compile(r"\"([^\"\n]{1,300})\"")  # actions and quoted observations (pairs must stay aligned)
 _RANK = {"advanced": 2, "no effect": 1, "hindered": 0}
 assert set(_RANK) == set(VERDICTS)
-
-
-@dataclass
-class Deliberation:
-    trajectory_id: str
-    step: int
-    thought: str
-    answer: str  # the action the thought concludes with (the expert's, or the switched-to candidate)
-    candidates: list[str]  # the normalised actions it weighs (no_sampling: those the writer named)
-    fallback: bool  # the writer failed validation twice: the thought is written from the evidence
-    retried: bool
-    mode: str  # "sand", "no_critique" or "no_sampling"
-    rejection: str | None  # why the writer's last thought was rejected (None: accepted)
-    repeated: bool  # a thought the writer wrote repeated a sentence
-    named: int  # distinct candidates the stored thought names in double quotes
-    valid: bool  # the stored thought passes the validator
 
 
 @dataclass
@@ -153,9 +138,10 @@ def check(thought: str, answer: str, candidates: list[str] | None, env: str,
     for sentence in sentences(cut):
         named = named_candidates(sentence, candidates, env)
         verdict = (evidence or {}).get(named[0]) if len(named) == 1 else None
-        if verdict == "hindered" and praises(sentence):
+        said = _QUOTED.sub('""', sentence)  # what the sentence says itself: quoted actions and observations
+        if verdict == "hindered" and praises(said):  # ("correct action", "list of possible objects") judge nothing
             return None, f'calls "{named[0]}" good, but its evidence says it hindered'
-        if verdict == "advanced" and blames(sentence):
+        if verdict == "advanced" and blames(said):
             return None, f'calls "{named[0]}" bad, but its evidence says it advanced'
     return cut, None
 

@@ -11,8 +11,8 @@ from dataclasses import asdict, fields
 import polars as pl
 
 from sand.sand_loop.critique import Critique, Rollout
+from sand.sand_loop.deliberation import Deliberation
 from sand.sand_loop.sampling import StepCandidates
-from sand.sand_loop.synthesis import Deliberation
 from sand.schemas import CANDIDATES_SCHEMA, CRITIQUES_SCHEMA, DELIBERATIONS_SCHEMA, ROLLOUTS_SCHEMA
 
 

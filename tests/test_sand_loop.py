@@ -42,7 +42,7 @@ from sand.sand_loop.sampling import (
     collect_candidates,
     sample_candidates,
 )
-from sand.sand_loop.synthesis import DELIBERATION_PREFIX, check, dataset_id, synthesize, validate
+from sand.sand_loop.synthesis import DELIBERATION_PREFIX, check, dataset_id, repeats_itself, synthesize, validate
 from sand.sand_loop.tables import (
     candidates_frame,
     candidates_from_frame,
@@ -308,7 +308,7 @@ def test_synthesis_falls_back_and_dk_keeps_everything_else(writer, alf, sampled,
         judged = {a: by_key.get(candidate_key(t, d.step, a)) for a in c.candidates}
         evidence = {a: j.evidence for a, j in judged.items() if j}
         assert validate(d.thought, d.answer, d.candidates, "alfworld", evidence) == d.thought  # fallbacks are valid
-        assert d.thought.endswith(f'So I will "{normalize(d.answer, "alfworld")}".') and not repeats_sentence(d.thought)
+        assert d.thought.endswith(f'So I will "{normalize(d.answer, "alfworld")}".') and not repeats_itself(d.thought)
         for a, j in judged.items():  # written from the evidence: each candidate with what executing it showed
             if j:
                 assert f'"{a}" is not possible here' in d.thought if not j.valid else \
@@ -342,9 +342,17 @@ CANDIDATES = ["go to drawer 1", "go to drawer 2", "open drawer 1"]
 @pytest.mark.parametrize("thought, reason", [
     # The degenerate writer of a quickstart: one sentence over and over.
     ('I will "go to drawer 1". I will "go to drawer 1". I will "go to drawer 2". I will "go to drawer 1".',
-     "repeats a sentence"),
+     "repeats itself"),
     ('I see three. "open drawer 1" is closed. "Open drawer 1" is closed! So I will "go to drawer 1".',
-     "repeats a sentence"),
+     "repeats itself"),
+    # Degenerate thoughts SmolLM2 wrote for cpu_bench: a clause over and over; the opening sentence again; a run-on
+    # that names the answer first and other actions after it.
+    ('I will "go to drawer 1" and I will "open drawer 1" and I will "open drawer 1". So I will "go to drawer 1".',
+     "repeats itself"),
+    ('I will "go to drawer 1" and I will "go to drawer 2".\n\nI will "go to drawer 1" and I will "go to drawer 2". '
+     'So I will "go to drawer 1".', "repeats itself"),
+    ('I will "go to drawer 1" and I will "go to drawer 2" and I will "open drawer 1" and I',
+     "does not conclude at the answer"),
     ('"go to drawer 2" helps. So I will "go to drawer 1".', None),
     ('It is good. So I will "go to drawer 1".', "names fewer than two candidates in quotes"),
     ('Going to drawer 2 or opening drawer 1. So I will "go to drawer 1".', "names fewer than two candidates in quotes"),
@@ -489,7 +497,7 @@ def test_ablation_deliberations_name_two_candidates_and_conclude(writer, alf, sa
         assert result.deliberations and all(d.valid and d.named >= 2 for d in result.deliberations)
         for d in result.deliberations:
             answer = normalize(d.answer, "alfworld")
-            assert d.thought.endswith(f'So I will "{answer}".') and not repeats_sentence(d.thought)
+            assert d.thought.endswith(f'So I will "{answer}".') and not repeats_itself(d.thought)
             assert validate(d.thought, d.answer, d.candidates if names else None, "alfworld") == d.thought
 
 
@@ -513,7 +521,7 @@ def test_the_real_critic_and_writer_write_grounded_texts(smollm2, agent, alf, al
         assert_no_echo(c, by_key[c.key], by_id[c.trajectory_id])
     result = synthesize(smollm2, alf, steps, critiques, rollouts, max_new_tokens=96)
     for d in result.deliberations:
-        assert d.valid and d.named >= 2 and not repeats_sentence(d.thought)
+        assert d.valid and d.named >= 2 and not repeats_itself(d.thought)
         assert d.thought.endswith(f'So I will "{normalize(d.answer, "alfworld")}".') or \
             normalize(d.thought.rsplit('"', 2)[-2], "alfworld") == normalize(d.answer, "alfworld")
 

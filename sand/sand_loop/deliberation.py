@@ -17,6 +17,6 @@ class Deliberation:
     retried: bool
     mode: str  # "sand", "no_critique" or "no_sampling"
     rejection: str | None  # why the writer's last thought was rejected (None: accepted)
-    repeated: bool  # a thought the writer wrote repeated a sentence
+    repeated: bool  # a thought the writer wrote repeated itself (a sentence, or a clause quoting an action)
     named: int  # distinct candidates the stored thought names in double quotes
     valid: bool  # the stored thought passes the validator

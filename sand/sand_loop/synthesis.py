@@ -10,12 +10,13 @@ is forced to start with it) and names candidate actions in double quotes ("go to
 `thought.startswith(DELIBERATION_PREFIX)` recognises a deliberation exactly (its "let me weigh" and
 "options:" are also markers of `sand.evaluation.is_deliberation`).
 
-Validation: the writer's thought is kept only if it concludes at the answer (what follows is cut), repeats
-no sentence, names at least two distinct candidates in double quotes, and calls no candidate good that its
-evidence says hindered nor bad that its evidence says advanced (a sentence naming that candidate alone, with
-a praise or blame word not negated). Otherwise the writer tries once more under stricter instructions, and
-then the thought is written from the evidence: each candidate in quotes with what executing it showed, then
-the answer. So every stored deliberation passes the validator.
+Validation: the writer's thought is kept only if it concludes at the answer (what follows is cut; its last
+sentence names the answer after any other quoted action), repeats no sentence and no clause that quotes an
+action ('I will "look" and I will "look"'), names at least two distinct candidates in double quotes, and calls
+no candidate good that its evidence says hindered nor bad that its evidence says advanced (a sentence naming
+that candidate alone, with a praise or blame word not negated). Otherwise the writer tries once more under
+stricter instructions, and then the thought is written from the evidence: each candidate in quotes with what
+executing it showed, then the answer. So every stored deliberation passes the validator.
 
 Ablations: without `candidates` (no self-consistency sampling) every step
 deliberates over alternatives the writer invents itself; without `critiques` (no execution-guided
@@ -47,7 +48,7 @@ from sand.sand_loop.critique import (
 )
 from sand.sand_loop.deliberation import Deliberation
 from sand.sand_loop.sampling import StepCandidates
-from sand.sand_loop.texts import blames, praises, repeats_sentence, sentences
+from sand.sand_loop.texts import blames, praises, repeats_sentence, sentences, words
 from sand.trajectory import Step, Trajectory
 
 DELIBERATION_PREFIX = "Let me weigh my options:"
@@ -55,6 +56,7 @@ DATASET_SUFFIX = "#sand"  # D_k trajectory id = original id + suffix (not repeat
 _STOP = ("\nAction:", "\nObservation:")
 _SENTENCE_END = re.compile(r"[.!?][\"”']?(?=\s|$)")
 _QUOTED = re.compile(r"\"([^\"\n]{1,300})\"")  # actions and quoted observations (pairs must stay aligned)
+_CLAUSE_BREAK = re.compile(r"[,;:]|\b(?:and|or|but|then)\b", re.IGNORECASE)
 _RANK = {"advanced": 2, "no effect": 1, "hindered": 0}
 assert set(_RANK) == set(VERDICTS)
 
@@ -106,6 +108,30 @@ def conclude(thought: str, answer: str, env: str) -> str | None:
     return thought[:cut].rstrip() if cut is not None else None
 
 
+def ends_at(thought: str, answer: str, env: str) -> bool:
+    """Whether the thought's last sentence names `answer` after any other quoted action (a run-on such as
+    'I will "X" and I will "Y" and I' names the answer X first, then goes on)."""
+    said = sentences(thought)
+    spans = _QUOTED.findall(said[-1]) if said else []
+    return bool(said) and mentions(said[-1], answer, env) and (
+        not spans or normalize(spans[-1], env) == normalize(answer, env))
+
+
+def _clauses(sentence: str) -> list[str]:
+    """The sentence split at commas, colons and conjunctions outside double quotes."""
+    masked = _QUOTED.sub(lambda m: '"' + "_" * len(m.group(1)) + '"', sentence)
+    bounds = [0, *(i for m in _CLAUSE_BREAK.finditer(masked) for i in m.span()), len(sentence)]
+    return [sentence[a:b] for a, b in zip(bounds[::2], bounds[1::2])]
+
+
+def repeats_itself(thought: str) -> bool:
+    """A sentence said twice, the opening marker aside ('Let me weigh my options: I will "X".' then 'I will
+    "X".'), or a clause quoting an action said twice ('I will "look" and I will "look"')."""
+    body = thought.removeprefix(DELIBERATION_PREFIX)
+    quoting = [tuple(words(c)) for s in sentences(body) for c in _clauses(s) if '"' in c]
+    return repeats_sentence(body) or len(set(quoting)) < len(quoting)
+
+
 def quoted_actions(thought: str, env: str) -> list[str]:
     """Distinct normalised actions the thought names in double quotes (spans of at most 12 words)."""
     found = []
@@ -129,10 +155,10 @@ def check(thought: str, answer: str, candidates: list[str] | None, env: str,
     `candidates`: the normalised actions it weighs (None: the writer invented them); `evidence`: candidate ->
     its evidence verdict. The rules are the module docstring's."""
     cut = conclude(thought, answer, env)
-    if cut is None:
+    if cut is None or not ends_at(cut, answer, env):
         return None, "does not conclude at the answer"
-    if repeats_sentence(cut):
-        return None, "repeats a sentence"
+    if repeats_itself(cut):
+        return None, "repeats itself"
     if len(named_candidates(cut, candidates, env)) < 2:
         return None, "names fewer than two candidates in quotes"
     for sentence in sentences(cut):
@@ -303,7 +329,7 @@ def synthesize(writer: Backend, trajectories: list[Trajectory], candidates: list
         valid, rejection, reply = retry.get(i, first[i])
         thought = valid or fallback_thought(job, quoted_actions(reply, env))
         weighed = job.names or [answer] + [a for a in quoted_actions(thought, env) if a != answer]
-        repeated = any(repeats_sentence(attempts[i][2]) for attempts in (first, retry) if i in attempts)
+        repeated = any(repeats_itself(attempts[i][2]) for attempts in (first, retry) if i in attempts)
         deliberations.append(Deliberation(
             job.trajectory.id, job.step, thought, job.answer, weighed, fallback=valid is None, retried=i in retry,
             mode=mode, rejection=rejection, repeated=repeated,

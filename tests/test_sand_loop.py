@@ -35,6 +35,7 @@ from sand.sand_loop.critique import (
     evidence_verdict,
     pick_examples,
     task_goal,
+    written_insight,
 )
 from sand.sand_loop.quality import critique_quality, deliberation_quality
 from sand.sand_loop.sampling import (
@@ -170,6 +171,48 @@ def test_evidence_insight_says_what_the_evidence_shows():
     failed.evidence = "hindered"
     assert "ends in failure" in evidence_insight(failed)
     assert "does not progress" in evidence_insight(rollout())
+
+
+def judged(evidence: str, **case) -> Rollout:
+    r = rollout(**case)
+    r.evidence = evidence
+    return r
+
+
+@pytest.mark.parametrize("evidence, case, reply", [
+    # from cpu_bench round 1 (SmolLM2-135M): the insight claimed the opposite of what execution showed
+    ("hindered", dict(action="open door to studio", valid=False), " open door to studio, the score goes up later on."),
+    ("advanced", dict(action="open sink", before=0.0, after=0.03, end=0.03), " open sink, nothing happens."),
+    ("advanced", dict(action="open sink", before=0.0, after=0.03, end=0.03),
+     " open sink here, the task does not progress."),
+    ("no effect", dict(action="look"), " look around, I can complete the task."),
+    ("hindered", dict(action="go to desk 1", before=0.5, after=0.2, end=0.2), " go to desk 1, it helps me win."),
+])
+def test_an_insight_that_contradicts_the_evidence_is_not_the_critics(evidence, case, reply):
+    r = judged(evidence, **case)
+    assert written_insight(reply, "an unrelated prompt", r) is None
+
+
+@pytest.mark.parametrize("evidence, case, reply", [
+    ("hindered", dict(action="open door to studio", valid=False), " open door to studio, nothing happens."),
+    ("advanced", dict(action="open sink", before=0.0, after=0.03, end=0.03), " open sink, the score goes up."),
+    ("no effect", dict(action="look"), " look around here, the task does not advance at all."),
+    ("no effect", dict(action="go to desk 1"), " go to desk 1 first, I find a mug to take later."),  # no claim
+    ("no effect", dict(action="finish the circuit"), " finish the circuit now, the light bulb stays off."),
+    # (the action's own words are no claim)
+])
+def test_an_insight_true_to_the_evidence_is_kept(evidence, case, reply):
+    r = judged(evidence, **case)
+    assert written_insight(reply, "an unrelated prompt", r) == "If I" + reply.rstrip()
+
+
+@pytest.mark.parametrize("case", [dict(valid=False), dict(end=1.0, done=True), dict(before=0.2, after=0.5, end=0.5),
+                                  dict(before=0.2, after=0.2, end=0.6), dict(before=0.5, after=0.2, end=0.2),
+                                  dict(done=True, steps=2), dict()])
+def test_evidence_insights_never_contradict_their_evidence(case):
+    r = rollout(**case)
+    r.evidence = evidence_verdict(r, rollout("open drawer 1", done=True, steps=4))
+    assert written_insight(evidence_insight(r)[len("If I"):], "an unrelated prompt", r) == evidence_insight(r)
 
 
 def test_sampling_finds_uncertain_steps_in_batches(sampled, alf, sci):

@@ -10,8 +10,10 @@ The critic (pi_base, or the experiment's `sand.critic_model`) then sees that evi
 the rollout's transcript, after a few examples taken from this run's own rollouts (each with its evidence
 verdict and an insight written from its evidence). It chooses its verdict among the three words under
 constraint (`Backend.choose`), then writes one reusable insight as the agent's own foresight, forced to
-start with "If I" and cut at the end of the line. An insight that copies the prompt (or says nothing) is
-replaced by one written from the evidence (`evidence_insight`), so no critique text is an echo.
+start with "If I" and cut at the end of the line. An insight that copies the prompt, says nothing, or claims
+an outcome the evidence contradicts (the score rose after a candidate the evidence says hindered, "nothing
+happens" after one that advanced) is replaced by one written from the evidence (`evidence_insight`), so no
+critique text is an echo or untrue to what execution showed.
 
 Work is keyed by `CandidateKey` (task, expert prefix, normalised action): identical branch points of
 different trajectories run once, and a rerun given the finished keys skips them.
@@ -31,7 +33,7 @@ from sand.models.backends import Backend, SamplingParams
 from sand.rollout import EpisodeRequest, EpisodeResult, RolloutEngine
 from sand.sand_loop.actions import normalize
 from sand.sand_loop.sampling import StepCandidates
-from sand.sand_loop.texts import echoes, repeats_sentence, sentences, words
+from sand.sand_loop.texts import claims_gain, claims_loss, echoes, repeats_sentence, sentences, words
 from sand.trajectory import Trajectory
 
 VERDICTS = ("advanced", "hindered", "no effect")
@@ -225,13 +227,24 @@ def pick_examples(pool: list[Rollout], rollout: Rollout, n: int = EXAMPLES) -> l
     return sorted(chosen.values(), key=_digest)[:n]
 
 
-def written_insight(reply: str, prompt: str, action: str) -> str | None:
+def contradicts(insight: str, rollout: Rollout) -> bool:
+    """Whether the insight claims an outcome the candidate's evidence verdict rules out: progress after a
+    candidate that hindered or had no effect, no progress after one that advanced. (The action's own words
+    are left out: "finish" in an action's name is no claim.)"""
+    claim = re.sub(re.escape(rollout.action), " ", insight, flags=re.IGNORECASE) if rollout.action else insight
+    if rollout.evidence == "advanced":
+        return claims_loss(claim)
+    return claims_gain(claim)
+
+
+def written_insight(reply: str, prompt: str, rollout: Rollout) -> str | None:
     """The critic's insight (its reply after the forced "If I"): the first sentence, or None when that is
-    unfinished, too short to say anything, repeats itself, or copies the prompt (naming `action` is no copy)."""
+    unfinished, too short to say anything, repeats itself, copies the prompt (naming the candidate is no copy)
+    or contradicts the candidate's evidence."""
     found = sentences("If I" + reply)
     insight = found[0] if found else ""
     if not insight.endswith((".", "!")) or len(words(insight)) < 5 or repeats_sentence(reply) or \
-            echoes(insight, prompt, (action,)):
+            echoes(insight, prompt, (rollout.action,)) or contradicts(insight, rollout):
         return None
     return insight
 
@@ -307,7 +320,7 @@ def critique_candidates(engine: RolloutEngine, critic: Backend, trajectories: li
                                   SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, stop=("\n",)))
         batch = []
         for rollout, prompt, verdict, c, [reply] in zip(ready, prompts_, verdicts, chosen, replies):
-            insight = written_insight(reply.text, prompt, rollout.action)
+            insight = written_insight(reply.text, prompt, rollout)
             batch.append(Critique(
                 *rollout.key, trajectory_id=rollout.trajectory_id, step=rollout.step, verdict=verdict,
                 verdict_inferred=c is None, text=f"{VERDICT_CUE} {verdict}\nInsight: "

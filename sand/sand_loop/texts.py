@@ -1,5 +1,5 @@
 """Checks on the texts the base model writes (critique insights, deliberation thoughts): sentences, repeats,
-echoes of the prompt, and whether a sentence calls an action good or bad."""
+echoes of the prompt, whether a sentence calls an action good or bad, and whether it says the task moved."""
 from __future__ import annotations
 
 import re
@@ -15,7 +15,15 @@ _GOOD = re.compile(r"\b(?:good|best|better|right|correct|useful|helps?|helped|he
                    r"advanc\w*|progress\w*|promising|wise|smart)\b", re.IGNORECASE)
 _BAD = re.compile(r"\b(?:bad|worse|worst|wrong|useless|wasted?|wastes|wasting|hinder\w*|fail\w*|pointless|"
                   r"mistake|harm\w*|avoid)\b", re.IGNORECASE)
-_NEGATION = re.compile(r"\b(?:not|no|never|nothing|without|n't)\W+(?:\w+\W+){0,2}$|n't\W+(?:\w+\W+){0,2}$",
+# What an action led to, as an insight claims it ("the score goes up" / "nothing happens").
+_GAIN = re.compile(r"\b(?:score\s+(?:goes|went|will\s+go)\s+up|score\s+(?:rises|rose|increases|increased)|"
+                   r"(?:raises?|raised|increases?|increased)\s+(?:the\s+|my\s+)?score|complet\w*|finish\w*|win|"
+                   r"won(?!')|closer|advanc\w*|progress\w*|succeed\w*|success\w*|achiev\w*|helps?|helped)\b",
+                   re.IGNORECASE)
+_LOSS = re.compile(r"\b(?:nothing\s+happen\w*|lose\s+a\s+step|wast\w*|score\s+(?:goes|went)\s+down|"
+                   r"(?:lowers?|decreases?)\s+(?:the\s+|my\s+)?score|fail\w*|no\s+effect|hinder\w*|useless|"
+                   r"pointless)\b", re.IGNORECASE)
+_NEGATION = re.compile(r"\b(?:not|no|never|nothing|without|cannot|n't)\W+(?:\w+\W+){0,2}$|n't\W+(?:\w+\W+){0,2}$",
                        re.IGNORECASE)
 
 
@@ -66,3 +74,14 @@ def praises(sentence: str) -> bool:
 def blames(sentence: str) -> bool:
     """Whether the sentence calls something bad (a blame word not negated just before it)."""
     return _judges(sentence, _BAD)
+
+
+def claims_gain(sentence: str) -> bool:
+    """Whether the sentence says the action moved the task on (the score rose, the task got done or closer)."""
+    return _judges(sentence, _GAIN)
+
+
+def claims_loss(sentence: str) -> bool:
+    """Whether the sentence says the action led nowhere or backwards ("nothing happens", "the task does not
+    progress": a negated gain counts)."""
+    return _judges(sentence, _LOSS) or any(_NEGATION.search(sentence[:m.start()]) for m in _GAIN.finditer(sentence))

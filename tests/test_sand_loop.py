@@ -187,10 +187,18 @@ def judged(evidence: str, **case) -> Rollout:
      " open sink here, the task does not progress."),
     ("no effect", dict(action="look"), " look around, I can complete the task."),
     ("hindered", dict(action="go to desk 1", before=0.5, after=0.2, end=0.2), " go to desk 1, it helps me win."),
+    # from the quickstart: a negation three words before the claim, "can not do it", another action
+    ("advanced", dict(action="put pen 2 in/on drawer 1", before=0.0, after=0.5, end=0.5),
+     " put pen 2 in/on drawer 1, I can not go on to complete the task."),
+    ("advanced", dict(action="put creditcard 1 in/on drawer 1", before=0.0, after=0.5, end=0.5),
+     " put creditcard 1 in/on drawer 1, I can not do it."),
+    ("hindered", dict(action="put keychain 2 in/on any bin", valid=False),
+     " put pen in drawer here, nothing happens."),
+    ("hindered", dict(action="go to bathroom 2", valid=False), " put egg in bathroom here, I can go to the bathroom 2."),
 ])
 def test_an_insight_that_contradicts_the_evidence_is_not_the_critics(evidence, case, reply):
     r = judged(evidence, **case)
-    assert written_insight(reply, "an unrelated prompt", r) is None
+    assert written_insight(reply, "an unrelated prompt", r, "alfworld") is None
 
 
 @pytest.mark.parametrize("evidence, case, reply", [
@@ -198,12 +206,13 @@ def test_an_insight_that_contradicts_the_evidence_is_not_the_critics(evidence, c
     ("advanced", dict(action="open sink", before=0.0, after=0.03, end=0.03), " open sink, the score goes up."),
     ("no effect", dict(action="look"), " look around here, the task does not advance at all."),
     ("no effect", dict(action="go to desk 1"), " go to desk 1 first, I find a mug to take later."),  # no claim
+    ("hindered", dict(action="put pen 2 in/on drawer 1", valid=False), " put pen 2 on drawer 1, nothing happens."),
     ("no effect", dict(action="finish the circuit"), " finish the circuit now, the light bulb stays off."),
     # (the action's own words are no claim)
 ])
 def test_an_insight_true_to_the_evidence_is_kept(evidence, case, reply):
     r = judged(evidence, **case)
-    assert written_insight(reply, "an unrelated prompt", r) == "If I" + reply.rstrip()
+    assert written_insight(reply, "an unrelated prompt", r, "alfworld") == "If I" + reply.rstrip()
 
 
 @pytest.mark.parametrize("case", [dict(valid=False), dict(end=1.0, done=True), dict(before=0.2, after=0.5, end=0.5),

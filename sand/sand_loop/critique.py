@@ -10,10 +10,10 @@ The critic (pi_base, or the experiment's `sand.critic_model`) then sees that evi
 the rollout's transcript, after a few examples taken from this run's own rollouts (each with its evidence
 verdict and an insight written from its evidence). It chooses its verdict among the three words under
 constraint (`Backend.choose`), then writes one reusable insight as the agent's own foresight, forced to
-start with "If I" and cut at the end of the line. An insight that copies the prompt, says nothing, or claims
-an outcome the evidence contradicts (the score rose after a candidate the evidence says hindered, "nothing
-happens" after one that advanced) is replaced by one written from the evidence (`evidence_insight`), so no
-critique text is an echo or untrue to what execution showed.
+start with "If I" and cut at the end of the line. An insight that copies the prompt, says nothing, is about
+another action, or claims an outcome the evidence contradicts (the score rose after a candidate the evidence
+says hindered, "nothing happens" after one that advanced) is replaced by one written from the evidence
+(`evidence_insight`), so no critique text is an echo or untrue to what execution showed.
 
 Work is keyed by `CandidateKey` (task, expert prefix, normalised action): identical branch points of
 different trajectories run once, and a rerun given the finished keys skips them.
@@ -31,7 +31,7 @@ from sand.envs.base import TaskSpec
 from sand.evaluation import adapter_identity
 from sand.models.backends import Backend, SamplingParams
 from sand.rollout import EpisodeRequest, EpisodeResult, RolloutEngine
-from sand.sand_loop.actions import normalize
+from sand.sand_loop.actions import mentions, normalize
 from sand.sand_loop.sampling import StepCandidates
 from sand.sand_loop.texts import claims_gain, claims_loss, echoes, repeats_sentence, sentences, words
 from sand.trajectory import Trajectory
@@ -237,14 +237,15 @@ def contradicts(insight: str, rollout: Rollout) -> bool:
     return claims_gain(claim)
 
 
-def written_insight(reply: str, prompt: str, rollout: Rollout) -> str | None:
+def written_insight(reply: str, prompt: str, rollout: Rollout, env: str | None = None) -> str | None:
     """The critic's insight (its reply after the forced "If I"): the first sentence, or None when that is
-    unfinished, too short to say anything, repeats itself, copies the prompt (naming the candidate is no copy)
-    or contradicts the candidate's evidence."""
+    unfinished, too short to say anything, repeats itself, copies the prompt (naming the candidate is no copy),
+    is about another action than the candidate, or contradicts the candidate's evidence."""
     found = sentences("If I" + reply)
     insight = found[0] if found else ""
     if not insight.endswith((".", "!")) or len(words(insight)) < 5 or repeats_sentence(reply) or \
-            echoes(insight, prompt, (rollout.action,)) or contradicts(insight, rollout):
+            echoes(insight, prompt, (rollout.action,)) or not mentions(insight, rollout.action, env) or \
+            contradicts(insight, rollout):
         return None
     return insight
 
@@ -320,7 +321,7 @@ def critique_candidates(engine: RolloutEngine, critic: Backend, trajectories: li
                                   SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, stop=("\n",)))
         batch = []
         for rollout, prompt, verdict, c, [reply] in zip(ready, prompts_, verdicts, chosen, replies):
-            insight = written_insight(reply.text, prompt, rollout)
+            insight = written_insight(reply.text, prompt, rollout, by_id[rollout.trajectory_id].env)
             batch.append(Critique(
                 *rollout.key, trajectory_id=rollout.trajectory_id, step=rollout.step, verdict=verdict,
                 verdict_inferred=c is None, text=f"{VERDICT_CUE} {verdict}\nInsight: "

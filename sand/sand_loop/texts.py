@@ -10,7 +10,8 @@ _QUOTED = re.compile(r"\"[^\"\n]*\"")
 _HIDE = str.maketrans(".!?", "\x01\x02\x03")  # sentence ends inside quotes, hidden from the splitter
 _SHOW = str.maketrans("\x01\x02\x03", ".!?")
 ECHO_WORDS = 8  # a run of this many words shared with the prompt is a copy, not a judgement
-# Words that praise or blame an action; a negation shortly before one turns it off ("did not help").
+# Words that praise or blame an action; a negation up to three words before one turns it off ("did not help",
+# "can not go on to complete").
 _GOOD = re.compile(r"\b(?:good|best|better|right|correct|useful|helps?|helped|helpful|works?|worked|succeed\w*|"
                    r"advanc\w*|progress\w*|promising|wise|smart)\b", re.IGNORECASE)
 _BAD = re.compile(r"\b(?:bad|worse|worst|wrong|useless|wasted?|wastes|wasting|hinder\w*|fail\w*|pointless|"
@@ -20,10 +21,11 @@ _GAIN = re.compile(r"\b(?:score\s+(?:goes|went|will\s+go)\s+up|score\s+(?:rises|
                    r"(?:raises?|raised|increases?|increased)\s+(?:the\s+|my\s+)?score|complet\w*|finish\w*|win|"
                    r"won(?!')|closer|advanc\w*|progress\w*|succeed\w*|success\w*|achiev\w*|helps?|helped)\b",
                    re.IGNORECASE)
-_LOSS = re.compile(r"\b(?:nothing\s+happen\w*|lose\s+a\s+step|wast\w*|score\s+(?:goes|went)\s+down|"
+_LOSS = re.compile(r"\b(?:nothing\s+happen\w*|(?:can\s*not|can't|unable\s+to|not\s+be\s+able\s+to)\s+do\b|"
+                   r"lose\s+a\s+step|wast\w*|score\s+(?:goes|went)\s+down|"
                    r"(?:lowers?|decreases?)\s+(?:the\s+|my\s+)?score|fail\w*|no\s+effect|hinder\w*|useless|"
                    r"pointless)\b", re.IGNORECASE)
-_NEGATION = re.compile(r"\b(?:not|no|never|nothing|without|cannot|n't)\W+(?:\w+\W+){0,2}$|n't\W+(?:\w+\W+){0,2}$",
+_NEGATION = re.compile(r"\b(?:not|no|never|nothing|without|cannot|n't)\W+(?:\w+\W+){0,3}$|n't\W+(?:\w+\W+){0,3}$",
                        re.IGNORECASE)
 
 

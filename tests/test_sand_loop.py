@@ -194,7 +194,8 @@ def judged(evidence: str, **case) -> Rollout:
      " put creditcard 1 in/on drawer 1, I can not do it."),
     ("hindered", dict(action="put keychain 2 in/on any bin", valid=False),
      " put pen in drawer here, nothing happens."),
-    ("hindered", dict(action="go to bathroom 2", valid=False), " put egg in bathroom here, I can go to the bathroom 2."),
+    ("hindered", dict(action="go to bathroom 2", valid=False),
+     " put egg in bathroom here, I can go to the bathroom 2."),
 ])
 def test_an_insight_that_contradicts_the_evidence_is_not_the_critics(evidence, case, reply):
     r = judged(evidence, **case)

@@ -208,8 +208,8 @@ def test_an_insight_that_contradicts_the_evidence_is_not_the_critics(evidence, c
     ("no effect", dict(action="look"), " look around here, the task does not advance at all."),
     ("no effect", dict(action="go to desk 1"), " go to desk 1 first, I find a mug to take later."),  # no claim
     ("hindered", dict(action="put pen 2 in/on drawer 1", valid=False), " put pen 2 on drawer 1, nothing happens."),
+    # the action's own words are no claim ("finish" names the action here)
     ("no effect", dict(action="finish the circuit"), " finish the circuit now, the light bulb stays off."),
-    # (the action's own words are no claim)
 ])
 def test_an_insight_true_to_the_evidence_is_kept(evidence, case, reply):
     r = judged(evidence, **case)

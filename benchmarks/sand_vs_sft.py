@@ -162,7 +162,7 @@ def report(store: Store) -> str:
 
 def stage_times(path) -> str:
     """The latest wall time of every stage over all calls (a resumed call's skipped stages take seconds)."""
-    if not path.exists():
+    if not path.exists() or path.stat().st_size == 0:  # no call has finished yet
         return ""
     rows = pl.read_ndjson(path)
     latest = rows.filter(pl.col("status") == "SUCCESS").group_by("experiment", "step").agg(

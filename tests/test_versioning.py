@@ -88,12 +88,24 @@ def test_code_changes_invalidate_what_runs_them_and_nothing_else(engine_copy, ca
     after_writer = versions_in(engine_copy, calls)
     assert [stage for stage in after_writer if after_writer[stage] != after_report[stage]] == ["synthesis"]
     before = after_writer
-    # The transformers backend (reached through sand.models.backends): sampling, training and evaluation run it.
+    # The transformers backend (reached through sand.models.backends): sampling and evaluation generate with it and
+    # the finetune stage's runner imports sand.models; the training loads its model without it, so a trained
+    # checkpoint stays valid.
     edited(engine_copy, "sand/models/backends/transformers.py",
            lambda text: text.replace("padding_side=\"left\"", "padding_side=\"right\""))
     after_backend = versions_in(engine_copy, calls)
-    for stage in (*LOOP, "finetune", "evaluation", "checkpoint"):
+    for stage in (*LOOP, "finetune", "evaluation"):
         assert after_backend[stage] != before[stage], stage
+    assert after_backend["checkpoint"] == before["checkpoint"]
+    # The experiment schema outside `train:` (an evaluation setting): no checkpoint is trained again...
+    edited(engine_copy, "sand/experiment.py", lambda text: text.replace("pool_size: int = 8", "pool_size: int = 4"))
+    after_schema = versions_in(engine_copy, calls)
+    assert after_schema["checkpoint"] == after_backend["checkpoint"]
+    # ...a training setting's default is one: it changes every checkpoint's identity.
+    edited(engine_copy, "sand/training/config.py", lambda text: text.replace("lora_r: int = 16", "lora_r: int = 8"))
+    after_train = versions_in(engine_copy, calls)
+    assert after_train["checkpoint"] != after_schema["checkpoint"]
+    after_backend = after_train
     # An environment module (the environments are opened by resources, outside the engine's imports).
     edited(engine_copy, "sand/envs/sciworld.py", lambda text: text + "\nLIMIT = 1\n")
     after_env = versions_in(engine_copy, calls)

@@ -37,20 +37,6 @@ SMOLLM2_CHAT_TEMPLATE = (
 )
 
 
-def bf16_capable() -> bool:
-    """Whether this machine computes in bf16 natively: a CUDA GPU that supports it, or a CPU with
-    avx512_bf16 / AMX units (elsewhere bf16 on a CPU is emulated and slower than fp32)."""
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def resolve_model(name_or_path: str | Path) -> Path:
     """The local folder holding a model's weights, config and tokenizer.
 

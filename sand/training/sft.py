@@ -18,8 +18,8 @@ from pathlib import Path
 import polars as pl
 from pydantic import Field
 
-from sand.experiment import TrainConfig
 from sand.react import conversation
+from sand.training.config import TrainConfig
 from sand.trajectory import Trajectory, from_frame
 
 
@@ -58,6 +58,20 @@ def training_examples(trajectories: list[Trajectory], history_steps: int | None)
     return examples
 
 
+def bf16_capable() -> bool:
+    """Whether this machine computes in bf16 natively: a CUDA GPU that supports it, or a CPU with
+    avx512_bf16 / AMX units (elsewhere bf16 on a CPU is emulated and slower than fp32)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def _load_model(spec: TrainSpec, bf16: bool):
     import torch
     from peft import LoraConfig, PeftModel, get_peft_model
@@ -80,8 +94,6 @@ def train(spec: TrainSpec, log: Callable[[dict], None] = lambda record: None) ->
     from datasets import Dataset
     from transformers import AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
-
-    from sand.models.registry import bf16_capable
 
     output = Path(spec.output_dir)
     if (output / "train_metrics.json").exists():  # already trained: the folder only appears when complete

@@ -105,15 +105,14 @@ def test_code_changes_invalidate_what_runs_them_and_nothing_else(engine_copy, ca
     edited(engine_copy, "sand/training/config.py", lambda text: text.replace("lora_r: int = 16", "lora_r: int = 8"))
     after_train = versions_in(engine_copy, calls)
     assert after_train["checkpoint"] != after_schema["checkpoint"]
-    after_backend = after_train
     # An environment module (the environments are opened by resources, outside the engine's imports).
     edited(engine_copy, "sand/envs/sciworld.py", lambda text: text + "\nLIMIT = 1\n")
     after_env = versions_in(engine_copy, calls)
-    assert all(after_env[stage] != after_backend[stage] for stage in ("critique", "evaluation"))
-    # A prompt template (a data file of sand.prompts).
+    assert all(after_env[stage] != after_train[stage] for stage in ("critique", "evaluation"))
+    # A prompt template (a data file of sand.prompts; training renders the agent's prompts from them too).
     edited(engine_copy, "sand/prompts/critique.txt", lambda text: text + "\n")
     after_prompt = versions_in(engine_copy, calls)
-    assert all(after_prompt[stage] != after_env[stage] for stage in (*LOOP, "finetune", "evaluation"))
+    assert all(after_prompt[stage] != after_env[stage] for stage in (*LOOP, "finetune", "evaluation", "checkpoint"))
 
 
 def test_closure_follows_lazy_relative_and_by_name_imports(tmp_path):

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from sand.errors import SandError
 from sand.training.config import TrainConfig
@@ -86,6 +86,8 @@ class Experiment(_Strict):
     backend: BackendConfig = Field(default_factory=BackendConfig)
     train_data: dict[EnvName, int | None] = Field(default_factory=lambda: {"alfworld": None, "sciworld": None},
                                               description="env -> max trajectories of D_0 used (None: all)")
+    train_tasks: dict[EnvName, list[str]] = Field(default_factory=dict,
+                                                  description="env -> the task types D_0 draws from (absent: all)")
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluation: EvalConfig = Field(default_factory=EvalConfig)
     sand: SandConfig = Field(default_factory=SandConfig)
@@ -93,6 +95,13 @@ class Experiment(_Strict):
     resources: dict[str, dict] = Field(default_factory=dict,
                                        description="settings of the shared resources in this experiment's job, "
                                                    "e.g. {alfworld: {train_games: 240}}")
+
+    @model_validator(mode="after")
+    def _tasks_of_trained_envs(self) -> Experiment:
+        untrained = sorted(set(self.train_tasks) - set(self.train_data))
+        if untrained:
+            raise ValueError(f"train_tasks names {', '.join(untrained)}, which train_data does not train on")
+        return self
 
 
 def load_experiment(path: str | Path) -> Experiment:

@@ -15,12 +15,16 @@ def _stable_key(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def training_subset(expert: pl.DataFrame, per_env: dict[str, int | None]) -> pl.DataFrame:
+def training_subset(expert: pl.DataFrame, per_env: dict[str, int | None],
+                    tasks: dict[str, list[str]] | None = None) -> pl.DataFrame:
     """Up to N trajectories per environment (None: all), in a stable pseudo-random order so a
-    small N still mixes task types; environments not named are left out."""
+    small N still mixes task types; environments not named are left out, and where `tasks` names an
+    environment's task types, so are its other types."""
     parts = []
     for env, limit in sorted(per_env.items()):
         rows = expert.filter(pl.col("env") == env)
+        if (tasks or {}).get(env):
+            rows = rows.filter(pl.col("task").is_in(tasks[env]))
         rows = rows.with_columns(_k=pl.col("id").map_elements(_stable_key, return_dtype=pl.Utf8)).sort("_k")
         parts.append(rows.drop("_k").head(limit) if limit is not None else rows.drop("_k"))
     return pl.concat(parts) if parts else expert.head(0)

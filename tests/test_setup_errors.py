@@ -51,3 +51,36 @@ def test_failed_run_says_so_and_reaches_run_failures_without_the_daemon(sand_hom
     rows = Store(sand_home).sql("select job, step, error from run_failures").rows(named=True)
     assert [(r["job"], r["step"]) for r in rows] == [("import_eto", "imported_trajectories")]
     assert "partition" in rows[0]["error"]
+
+
+def test_train_tasks_restrict_d0_and_name_what_is_wrong(tmp_path):
+    from sand.datasets import compose_expert, write_source
+    from sand.trajectory import Step, Trajectory
+
+    store = Store(tmp_path / "home")
+    expert = [Trajectory(f"sciworld/gold/{task}:{v}", "sciworld", task, f"{task}:{v}", "train", "gold", "Task: x",
+                         [Step("", "look around", "You see a door.")], 1.0)
+              for task in ("find-animal", "find-plant", "boil") for v in range(3)]
+    write_source(store, "sciworld", expert, Lineage(asset="test"))
+    compose_expert(store, Lineage(asset="test"))
+    lineage_of = lambda table: Lineage(asset="test")  # noqa: E731
+
+    exp = Experiment(name="short", train_data={"sciworld": 4}, train_tasks={"sciworld": ["find-animal", "find-plant"]})
+    stages.select_d0(exp, store, lineage_of)
+    d0 = store.read("trajectories", "short/d0")
+    assert d0.height == 4 and set(d0["task"]) == {"find-animal", "find-plant"}
+    everything = Experiment(name="all", train_data={"sciworld": None})
+    stages.select_d0(everything, store, lineage_of)
+    assert store.read("trajectories", "all/d0").height == 9
+
+    # A task type the expert set lacks is named, and nothing is written for the experiment.
+    typo = Experiment(name="typo", train_data={"sciworld": None},
+                      train_tasks={"sciworld": ["find-animal", "fnd-plant"]})
+    with pytest.raises(SandError, match=r"train_tasks\.sciworld .*: fnd-plant$"):
+        stages.select_d0(typo, store, lineage_of)
+    assert store.head("trajectories", "typo/d0") is None
+    # Task types of an environment the experiment does not train on are a mistake in its file.
+    path = tmp_path / "untrained.yaml"
+    path.write_text("train_data: {alfworld: 6}\ntrain_tasks: {sciworld: [find-animal]}\n")
+    with pytest.raises(SandError, match="untrained.yaml.*train_tasks names sciworld, which train_data does not"):
+        load_experiment(path)

@@ -82,18 +82,23 @@ def base_model_sensor(exp: Experiment) -> SensorDefinition:
     return _sensor
 
 
-def new_trajectories(store: Store, trained: str, current: str) -> int:
-    """Trajectories of D_0 version `current` that version `trained` lacks (new, or changed in content)."""
+def new_trajectories(store: Store, exp: Experiment, trained: str, current: str) -> int:
+    """Trajectories of D_0 version `current` that version `trained` lacks (new, or changed in content), of the
+    environments and task types `exp` trains on (`train_data`, `train_tasks`): others never reach its D_0."""
+    def eligible(row: dict) -> bool:
+        return row["env"] in exp.train_data and row["task"] in exp.train_tasks.get(row["env"], [row["task"]])
+
     def rows(version):
         return {json.dumps(r, sort_keys=True, default=str)
-                for r in store.read("trajectories", EXPERT, version).iter_rows(named=True)}
+                for r in store.read("trajectories", EXPERT, version).iter_rows(named=True) if eligible(r)}
     return len(rows(current) - rows(trained))
 
 
 def new_data_sensor(exp: Experiment) -> SensorDefinition:
     """Retrains `exp` (SFT, the iterations, the evaluations: everything of it downstream of D_0) when D_0
     (`expert_trajectories`) has a version with at least `retrain.min_new_trajectories` trajectories that the
-    version it last trained on lacks. Experiments without `retrain.on_new_data` get no sensor.
+    version it last trained on lacks, of the environments and task types it trains on. Experiments without
+    `retrain.on_new_data` get no sensor.
 
     The state lives in the instance, not in a cursor: the version the experiment trained on is the input data
     version recorded on its last materialization that read D_0. So a D_0 version that lands while a run of
@@ -140,7 +145,7 @@ def new_data_sensor(exp: Experiment) -> SensorDefinition:
                               "the next tick looks again")
         pair = [trained[0], version]
         seen = json.loads(context.cursor) if context.cursor else {}
-        new = seen["new"] if seen.get("pair") == pair else new_trajectories(store.store(), *pair)
+        new = seen["new"] if seen.get("pair") == pair else new_trajectories(store.store(), exp, *pair)
         context.update_cursor(json.dumps({"pair": pair, "new": new}))
         if new < exp.retrain.min_new_trajectories:
             return SkipReason(f"D_0 {version}: {new} new trajectories since {trained[0]}, "

@@ -29,6 +29,7 @@ from sand import datasets
 from sand.experiment import load_experiments
 from sand.models.registry import model_hash, tiny_model
 from sand.store import Lineage, Store
+from sand.trajectory import Step, Trajectory
 from sand_assets import expert_data
 from sand_assets.definitions import defs as shipped_defs
 from sand_assets.expert_data import expert_trajectories, expert_trajectories_schema
@@ -185,6 +186,14 @@ def test_new_expert_data_retrains_an_opted_in_experiment_once(sand_home, tmp_pat
         assert skipped(result, "is trained on D_0")
 
         drop("second", 1)  # one new trajectory: below min_new_trajectories
+        result, cursor = tick(cursor)
+        assert skipped(result, "1 new trajectories")
+        # ScienceWorld trajectories never reach this ALFWorld-only experiment's D_0: they count for nothing.
+        gold = [Trajectory(f"sciworld/gold/find-plant:{v}", "sciworld", "find-plant", f"find-plant:{v}", "train",
+                           "gold", "Task: find a plant", [Step("", "look around", "You see a door.")], 1.0)
+                for v in range(2)]
+        datasets.write_source(store, "sciworld", gold, Lineage(asset="test"))
+        refresh()
         result, cursor = tick(cursor)
         assert skipped(result, "1 new trajectories")
         drop("third", 2)

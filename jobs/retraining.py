@@ -25,6 +25,7 @@ from resources import StoreResource
 from sand.datasets import EXPERT
 from sand.experiment import Experiment
 from sand.models.registry import model_files, model_hash, resolve_model
+from sand.selection import training_subset
 from sand.store import Store
 from sand_assets.expert_data import expert_trajectories, expert_trajectories_schema
 from sand_assets.models import base_model_key
@@ -85,12 +86,10 @@ def base_model_sensor(exp: Experiment) -> SensorDefinition:
 def new_trajectories(store: Store, exp: Experiment, trained: str, current: str) -> int:
     """Trajectories of D_0 version `current` that version `trained` lacks (new, or changed in content), of the
     environments and task types `exp` trains on (`train_data`, `train_tasks`): others never reach its D_0."""
-    def eligible(row: dict) -> bool:
-        return row["env"] in exp.train_data and row["task"] in exp.train_tasks.get(row["env"], [row["task"]])
-
     def rows(version):
-        return {json.dumps(r, sort_keys=True, default=str)
-                for r in store.read("trajectories", EXPERT, version).iter_rows(named=True) if eligible(r)}
+        eligible = training_subset(store.read("trajectories", EXPERT, version), dict.fromkeys(exp.train_data),
+                                   exp.train_tasks)
+        return {json.dumps(r, sort_keys=True, default=str) for r in eligible.iter_rows(named=True)}
     return len(rows(current) - rows(trained))
 
 

@@ -87,7 +87,7 @@ def sequential(backend, env, tasks, params: SamplingParams, max_steps: int, hist
         prompts.append([])
         limit = min(max_steps, env.max_steps)
         while len(steps) < limit:
-            prompt = agent_prompt(backend, task.env, instruction, steps, history)
+            prompt = agent_prompt(backend, task.env, instruction, steps, history, params.max_new_tokens)
             prompts[-1].append(prompt)
             called = time.perf_counter()
             [[completion]] = backend.generate([prompt], params)

@@ -102,9 +102,24 @@ def history_window(steps: list[Step], history_steps: int | None) -> list[Step]:
     return steps[((len(steps) - history_steps - 1) // stride + 1) * stride:]
 
 
-def agent_prompt(backend: Backend, env: str, instruction: str, steps: list[Step], history_steps: int | None) -> str:
-    """The agent's prompt for the turn after `steps`: what the engine asks, and what sampling conditions on."""
-    return backend.render(conversation(env, instruction, history_window(steps, history_steps)))
+def agent_prompt(backend: Backend, env: str, instruction: str, steps: list[Step], history_steps: int | None,
+                 reply_tokens: int) -> str:
+    """The agent's prompt for the turn after `steps`: what the engine asks, and what sampling conditions on.
+
+    It shows `history_window`'s steps, less its oldest ones while the prompt and `reply_tokens` would not fit in
+    the backend's context (a long episode then still gets its turns, where the engine would refuse the prompt).
+    """
+    shown = history_window(steps, history_steps)
+    prompt = backend.render(conversation(env, instruction, shown))
+    limit = backend.context_length
+    while limit is not None and backend.count_tokens(prompt) + reply_tokens > limit:
+        if not shown:
+            raise SandError(f"the {env} agent prompt for '{instruction[:80]}' takes {backend.count_tokens(prompt)} "
+                            f"tokens without any step of history, and a reply {reply_tokens} more: the backend's "
+                            f"context is {limit} tokens (raise the backend's max_model_len or lower max_new_tokens)")
+        shown = shown[1:]
+        prompt = backend.render(conversation(env, instruction, shown))
+    return prompt
 
 
 @dataclass
@@ -247,7 +262,7 @@ class RolloutEngine:
 
     def _prompt(self, result: EpisodeResult) -> str:
         return agent_prompt(self.backend, result.request.task.env, result.instruction, result.steps,
-                            self.history_steps)
+                            self.history_steps, self.params.max_new_tokens)
 
     @classmethod
     def _act_guarded(cls, episode: _Live, completion: Completion) -> None:

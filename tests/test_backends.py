@@ -179,6 +179,13 @@ def test_token_counts_match_the_tokenizer(backend, prompts, models):
         assert 0 < completions[0].completion_tokens <= 12
 
 
+def test_each_backend_knows_its_context_and_counts_prompt_tokens_as_it_reports_them(backend, prompts, request):
+    # vLLM (engine and server) was started with max_model_len 1024; transformers reads the model's config.
+    assert backend.context_length == (2048 if request.node.callspec.params["backend"] == "transformers" else 1024)
+    for prompt, [completion] in zip(prompts, greedy(backend, prompts, max_new_tokens=2)):
+        assert backend.count_tokens(prompt) == completion.prompt_tokens > 0
+
+
 def test_batch_results_follow_prompt_order(backend, prompts):
     batch = [prompts[2], prompts[0], prompts[1], prompts[0]]
     together = greedy(backend, batch)

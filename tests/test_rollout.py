@@ -14,9 +14,11 @@ from conftest import replay
 from sand.envs.alfworld import AlfWorldEnv
 from sand.envs.alfworld_gen import generate_games
 from sand.envs.sciworld import ScienceWorldEnv
+from sand.errors import SandError
 from sand.models import SamplingParams, tiny_model
 from sand.models.backends import TransformersBackend
-from sand.rollout import FORMAT_ERROR, EpisodeRequest, RolloutEngine, history_window
+from sand.react import conversation
+from sand.rollout import FORMAT_ERROR, EpisodeRequest, RolloutEngine, agent_prompt, history_window
 from sand.trajectory import Step
 
 torch.set_num_threads(1)
@@ -213,3 +215,37 @@ def test_history_window_is_bounded_and_prompts_extend_each_other_between_moves(h
             moves += 1
     assert moves == (len(steps) - history - 1) // max(1, history // 2) + 1  # once a stride, not once a turn
     assert history_window(steps, None) == steps
+
+
+def test_prompts_drop_their_oldest_steps_to_fit_the_context_and_say_when_nothing_fits(home, sci):
+    task = sci.tasks("dev")[0]
+    instruction = sci.reset(task)
+    steps = [Step(f"thought {i}", f"action {i}", f"observation {i}") for i in range(30)]
+    reply = PARAMS.max_new_tokens
+    with TransformersBackend(tiny_model(), dtype="float32") as probe:
+        bare = probe.count_tokens(agent_prompt(probe, "sciworld", instruction, [], None, 0))
+    with TransformersBackend(tiny_model(), dtype="float32", max_model_len=bare + reply + 150) as backend:
+        limit = backend.context_length
+        short = agent_prompt(backend, "sciworld", instruction, steps[:2], None, reply)
+        assert short == backend.render(conversation("sciworld", instruction, steps[:2]))  # fits: shown whole
+        prompt = agent_prompt(backend, "sciworld", instruction, steps, None, reply)
+        assert backend.count_tokens(prompt) + reply <= limit
+        shown = prompt.count("Observation: observation")
+        assert 0 < shown < len(steps)
+        assert prompt == backend.render(conversation("sciworld", instruction, steps[-shown:]))  # the newest
+        # Only as many steps as needed were dropped: one more would not fit.
+        longer = backend.render(conversation("sciworld", instruction, steps[-shown - 1:]))
+        assert backend.count_tokens(longer) + reply > limit
+
+        # The engine fits every turn of an episode longer than the context holds, and the episode runs to its end.
+        ticks = []
+        with RolloutEngine(backend, lambda: ScienceWorldEnv(task_names=SCI_TASKS), 1, PARAMS,
+                           on_tick=ticks.append) as engine:
+            [result] = engine.run([EpisodeRequest(task, max_steps=8)])
+        assert len(result.steps) == 8
+        counts = [backend.count_tokens(p) for tick in ticks for p in tick.prompts]
+        assert max(counts) + reply <= limit
+        assert ticks[-1].prompts[0].count("Observation:") < 7  # the last turn's prompt dropped early steps
+
+        with pytest.raises(SandError, match=rf"context is {limit} tokens"):
+            agent_prompt(backend, "sciworld", instruction + " Be quick." * 60, steps, None, reply)

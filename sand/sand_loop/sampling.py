@@ -72,7 +72,8 @@ def sample_candidates(backend: Backend, trajectories: list[Trajectory], n: int =
     results = []
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start:start + batch_size]
-        prompts = [agent_prompt(backend, t.env, t.instruction, t.steps[:i], history_steps) for t, i in chunk]
+        prompts = [agent_prompt(backend, t.env, t.instruction, t.steps[:i], history_steps, max_new_tokens)
+                   for t, i in chunk]
         for (t, i), completions in zip(chunk, backend.generate(prompts, params, adapter)):
             result = collect_candidates(t.id, i, t.env, t.steps[i].action, [c.text for c in completions])
             results.append(result)

@@ -41,14 +41,25 @@ class _Closing:
 
 
 class Backend(_Closing, ABC):
+    """A model behind `generate` / `choose` / `stream`. Every backend has the model's `tokenizer`, which renders
+    prompts and counts their tokens, and its `context_length`: the most tokens a prompt and its completion may
+    hold together (None where a server does not say; nothing is then fitted to it)."""
+
+    tokenizer: object
+    context_length: int | None = None
+
     @abstractmethod
     def generate(self, prompts: list[str], params: SamplingParams,
                  adapter: str | None = None) -> list[list[Completion]]:
         """For each prompt, in order, `params.n` completions; `adapter` is a LoRA folder (None = base weights)."""
 
-    @abstractmethod
     def render(self, messages: list[dict]) -> str:
         """The model's chat template applied to `messages`, ending with the assistant generation prompt."""
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def count_tokens(self, prompt: str) -> int:
+        """The tokens of a rendered prompt, as `Completion.prompt_tokens` counts them."""
+        return len(self.tokenizer(prompt).input_ids)
 
     @abstractmethod
     def choose(self, prompts: list[str], choices: list[str], adapter: str | None = None) -> list[str | None]:
@@ -123,8 +134,4 @@ def adapter_key(adapter: str) -> tuple[str, int]:
         raise SandError(f"LoRA adapter {folder} is not a PEFT adapter folder (no adapter_config.json)")
     weights = sorted(folder.glob("adapter_model.*")) or [folder / "adapter_config.json"]
     return str(folder), weights[0].stat().st_mtime_ns
-
-
-def _render_with(tokenizer, messages: list[dict]) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 

@@ -15,7 +15,6 @@ from sand.models.backends.base import (
     SamplingParams,
     _chosen,
     _distinct,
-    _render_with,
     _repeat_greedy,
     _trim,
     adapter_key,
@@ -30,11 +29,14 @@ class OpenAIBackend(Backend):
     are retried with exponential backoff on the next server. An adapter that is a local folder is loaded into
     each server on first use through vLLM's `/v1/load_lora_adapter` (needs `VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`
     and the folder visible to the servers); any other adapter string is a name the servers already serve.
-    `tokenizer` (a model folder or name, default `model`) is only needed for `render`.
+    `tokenizer` (a model folder or name, default `model`) renders prompts and counts their tokens. The context
+    prompts are fitted to is `max_model_len`, or else what the first server's `/v1/models` reports for `model`
+    (vLLM does; with neither, prompts are not fitted).
     """
 
     def __init__(self, base_urls: list[str], model: str, api_key: str | None = None, timeout: float = 600.0,
-                 max_retries: int = 4, concurrency: int = 16, tokenizer: str | Path | None = None):
+                 max_retries: int = 4, concurrency: int = 16, tokenizer: str | Path | None = None,
+                 max_model_len: int | None = None):
         import httpx
 
         if not base_urls:
@@ -47,15 +49,30 @@ class OpenAIBackend(Backend):
         self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="sand-openai")
         self._turn = itertools.count()
         self._tokenizer_source, self._tokenizer = tokenizer or model, None
+        self._context = max_model_len or self._served_context()
         self._loaded: set[tuple[str, str]] = set()  # (server, adapter name) pairs already loaded
         self._lock = threading.Lock()
 
-    def render(self, messages: list[dict]) -> str:
+    @property
+    def tokenizer(self):
         if self._tokenizer is None:
             from transformers import AutoTokenizer
 
             self._tokenizer = AutoTokenizer.from_pretrained(resolve_model(self._tokenizer_source))
-        return _render_with(self._tokenizer, messages)
+        return self._tokenizer
+
+    @property
+    def context_length(self) -> int | None:
+        return self._context
+
+    def _served_context(self) -> int | None:
+        import httpx
+
+        try:
+            models = self._client.get(f"{self.urls[0]}/v1/models").json().get("data", [])
+        except (httpx.HTTPError, ValueError):  # down, or not JSON: the completions calls will say so
+            return None
+        return next((m.get("max_model_len") for m in models if m.get("id") == self.model), None)
 
     def generate(self, prompts: list[str], params: SamplingParams,
                  adapter: str | None = None) -> list[list[Completion]]:

@@ -12,7 +12,6 @@ from sand.models.backends.base import (
     Completion,
     SamplingParams,
     _distinct,
-    _render_with,
     _repeat_greedy,
     _trim,
     adapter_key,
@@ -25,12 +24,13 @@ class TransformersBackend(Backend):
 
     `batch_size` counts sequences (prompts x n) per call. Prompts are batched by length to waste little padding.
     With a seed, a call is reproducible for the same prompts and batch size (one torch RNG per call).
-    `dtype` is "auto" (the checkpoint's), a torch dtype or its name. Calls from several threads take turns,
+    `dtype` is "auto" (the checkpoint's), a torch dtype or its name. `max_model_len` (default: the model's
+    `max_position_embeddings`) is the context prompts are fitted to. Calls from several threads take turns,
     since the active adapter is state of the shared model.
     """
 
     def __init__(self, model_path: str | Path, device: str = "auto", dtype: str = "auto",
-                 batch_size: int = 32, max_adapters: int = 4):
+                 batch_size: int = 32, max_adapters: int = 4, max_model_len: int | None = None):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -40,6 +40,7 @@ class TransformersBackend(Backend):
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(self.device).eval()
+        self.context_length = max_model_len or getattr(self.model.config, "max_position_embeddings", None)
         eos = self.model.generation_config.eos_token_id
         self._eos = sorted({*(eos if isinstance(eos, list) else [eos]), self.tokenizer.eos_token_id} - {None})
         # Finished rows are padded with pad_token_id: the first pad or EOS marks where a completion ends.
@@ -49,9 +50,6 @@ class TransformersBackend(Backend):
         self._adapters: OrderedDict[tuple[str, int], str] = OrderedDict()  # key -> peft adapter name, LRU order
         self._names = itertools.count()
         self._lock = threading.Lock()
-
-    def render(self, messages: list[dict]) -> str:
-        return _render_with(self.tokenizer, messages)
 
     def generate(self, prompts: list[str], params: SamplingParams,
                  adapter: str | None = None) -> list[list[Completion]]:

@@ -17,7 +17,6 @@ from sand.models.backends.base import (
     Stream,
     _chosen,
     _distinct,
-    _render_with,
     _repeat_greedy,
     adapter_key,
 )
@@ -75,8 +74,13 @@ class VLLMBackend(Backend):
         self._request_ids = itertools.count()
         self._outputs: dict[str, object] = {}  # finished vLLM RequestOutputs not collected yet, by request id
 
-    def render(self, messages: list[dict]) -> str:
-        return _render_with(self._llm.get_tokenizer(), messages)
+    @property
+    def tokenizer(self):
+        return self._llm.get_tokenizer()
+
+    @property
+    def context_length(self) -> int:
+        return self._llm.llm_engine.model_config.max_model_len
 
     def generate(self, prompts: list[str], params: SamplingParams,
                  adapter: str | None = None) -> list[list[Completion]]:

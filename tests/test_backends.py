@@ -248,7 +248,9 @@ def test_http_backend_retries_on_the_next_server_when_one_is_down(vllm_server, m
         prompt = engine.render(MESSAGES[0])
         results = engine.generate([prompt] * 4, SamplingParams(max_new_tokens=4))
         assert len({r[0].text for r in results}) == 1 and results[0][0].completion_tokens == 4
+        assert engine.context_length == 1024  # asked of the server that answers
     with make_backend("openai", base_urls=[dead], model="tiny", max_retries=1) as engine:
+        assert engine.context_length is None  # nobody says: prompts are not fitted
         with pytest.raises(SandError, match="after 2 attempts"):
             engine.generate(["x"], SamplingParams(max_new_tokens=1))
 

@@ -30,7 +30,7 @@ class OpenAIBackend(Backend):
     each server on first use through vLLM's `/v1/load_lora_adapter` (needs `VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`
     and the folder visible to the servers); any other adapter string is a name the servers already serve.
     `tokenizer` (a model folder or name, default `model`) renders prompts and counts their tokens. The context
-    prompts are fitted to is `max_model_len`, or else what the first server's `/v1/models` reports for `model`
+    prompts are fitted to is `max_model_len`, or else what the servers' `/v1/models` report for `model`
     (vLLM does; with neither, prompts are not fitted).
     """
 
@@ -66,13 +66,16 @@ class OpenAIBackend(Backend):
         return self._context
 
     def _served_context(self) -> int | None:
+        """`max_model_len` of `model` as the first server that answers `/v1/models` reports it."""
         import httpx
 
-        try:
-            models = self._client.get(f"{self.urls[0]}/v1/models").json().get("data", [])
-        except (httpx.HTTPError, ValueError):  # down, or not JSON: the completions calls will say so
-            return None
-        return next((m.get("max_model_len") for m in models if m.get("id") == self.model), None)
+        for url in self.urls:
+            try:
+                models = self._client.get(f"{url}/v1/models").json().get("data", [])
+            except (httpx.HTTPError, ValueError):  # down, or not JSON: the completions calls will say so
+                continue
+            return next((m.get("max_model_len") for m in models if m.get("id") == self.model), None)
+        return None
 
     def generate(self, prompts: list[str], params: SamplingParams,
                  adapter: str | None = None) -> list[list[Completion]]:

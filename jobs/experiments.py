@@ -5,7 +5,7 @@ from pydantic import ValidationError
 from resources import AlfWorldResource, ComputeResource, SciWorldResource, StoreResource
 from sand.errors import SandError
 from sand.experiment import Experiment
-from sand_assets.expert_data import alfworld_heldout_games, imported_trajectories
+from sand_assets.expert_data import alfworld_heldout_games, imported_trajectories, sciworld_source_trajectories
 from sand_assets.models import evaluation_data
 
 RESOURCES = {"alfworld": AlfWorldResource, "sciworld": SciWorldResource, "compute": ComputeResource,
@@ -18,11 +18,13 @@ def experiment_job(exp: Experiment):
     unused = {alfworld_heldout_games} - set(evaluation_data(exp))
     selection = AssetSelection.groups("expert_data", exp.name) - AssetSelection.assets(imported_trajectories, *unused)
     return define_asset_job(exp.name, selection=selection, description=exp.description or None,
-                            config=resource_config(exp))
+                            config=job_config(exp))
 
 
-def resource_config(exp: Experiment) -> dict | None:
-    """The run config of `exp.resources`, checked field by field (a typo must not fall back to a default)."""
+def job_config(exp: Experiment) -> dict | None:
+    """The job's run config: `exp.resources`, checked field by field (a typo must not fall back to a default),
+    and, where the experiment trains on some ScienceWorld task types only, gold paths recorded for those alone
+    (the other types' paths would take most of the recording and never reach its D_0)."""
     where = f"experiment {exp.name}"
     for name, settings in exp.resources.items():
         kind = RESOURCES.get(name)
@@ -37,6 +39,9 @@ def resource_config(exp: Experiment) -> dict | None:
         except ValidationError as exc:
             problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
             raise SandError(f"{where}: resources.{name}: {problems}") from None
-    if not exp.resources:
-        return None
-    return {"resources": {name: {"config": settings} for name, settings in exp.resources.items()}}
+    config = {}
+    if exp.resources:
+        config["resources"] = {name: {"config": settings} for name, settings in exp.resources.items()}
+    if exp.train_tasks.get("sciworld"):
+        config["ops"] = {sciworld_source_trajectories.op.name: {"config": {"tasks": exp.train_tasks["sciworld"]}}}
+    return config or None

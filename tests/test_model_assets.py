@@ -111,9 +111,14 @@ def test_bad_experiment_names_the_field(tmp_path):
         load_experiment(path)
 
 
-def test_experiment_resource_settings_become_its_job_config():
+def test_experiment_resource_settings_and_trained_task_types_become_its_job_config():
     exp = Experiment(name="more_games", resources={"alfworld": {"train_games": 160}})
     assert experiment_job(exp).config == {"resources": {"alfworld": {"config": {"train_games": 160}}}}
+    # Gold paths are recorded for the ScienceWorld task types the experiment trains on, and only those.
+    exp = Experiment(name="few_tasks", train_tasks={"sciworld": ["find-plant", "find-animal"]})
+    assert experiment_job(exp).config == {
+        "ops": {"sciworld_source_trajectories": {"config": {"tasks": ["find-plant", "find-animal"]}}}}
+    assert experiment_job(Experiment(name="all_tasks", train_tasks={"alfworld": ["pick_and_place"]})).config is None
     for resources, problem in [
             ({"alfworld": {"train_gamez": 1}}, r"resources.alfworld: unknown settings \['train_gamez'\]"),
             ({"alfworld": {"train_games": "many"}}, "resources.alfworld: train_games: Input should be"),

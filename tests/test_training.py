@@ -32,6 +32,32 @@ def test_windows_keep_the_instruction_and_end_at_an_assistant_turn():
     assert examples[1]["messages"][3]["content"].endswith(long.steps[4].action)
 
 
+def test_windows_longer_than_max_length_end_early_so_no_step_is_cut_off():
+    from transformers import AutoTokenizer
+
+    from sand.errors import SandError
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model())
+    def length(messages):
+        return len(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
+
+    [long] = [t for t in load_eto(DATA / "eto_alfworld_sample.json", "alfworld") if len(t.steps) == 6]
+    [whole] = training_examples([long], history_steps=6)
+    one_step = length(training_examples([long], history_steps=1)[0]["messages"])
+    # Room for the instruction and about three steps: the 6-step window becomes several, each within the limit,
+    # and together they train every step exactly once, in order.
+    limit = (one_step + length(whole["messages"])) // 2
+    examples = training_examples([long], history_steps=6, length=length, max_length=limit)
+    assert 2 <= len(examples) < 6 and all(length(ex["messages"]) <= limit for ex in examples)
+    trained = [m["content"] for ex in examples for m in ex["messages"][3:] if m["role"] == "assistant"]
+    assert trained == [m["content"] for m in whole["messages"][3:] if m["role"] == "assistant"]
+    # Each window is as long as the limit allows: one more step would not fit.
+    first_steps = (len(examples[0]["messages"]) - 3 + 1) // 2  # its turns: steps, and observations between them
+    assert length(training_examples([long], history_steps=first_steps + 1)[0]["messages"]) > limit
+    with pytest.raises(SandError, match=rf"alfworld trajectory {long.id}, step 1: .* more than train.max_length"):
+        training_examples([long], history_steps=6, length=length, max_length=one_step - 1)
+
+
 def test_train_writes_a_complete_adapter_and_is_idempotent(sand_home, data, tmp_path):
     out = tmp_path / "ckpt"
     metrics = train(spec(data, out))

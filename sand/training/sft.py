@@ -2,7 +2,8 @@
 
 Loss is on assistant turns only (the chat template marks them with `{% generation %}`). Long
 episodes are cut into windows of `history_steps` steps, each starting with the instruction, so that
-training sees the same bounded history the agent is prompted with. Training writes into
+training sees the same bounded history the agent is prompted with; a window longer than `max_length`
+tokens ends early, so every step is trained on once, with as much of its history as fits. Training writes into
 `<output>.partial/` (with Trainer checkpoints, so an interrupted run resumes) and renames it to
 `<output>` only when done: a checkpoint folder is complete or absent.
 """
@@ -18,6 +19,7 @@ from pathlib import Path
 import polars as pl
 from pydantic import Field
 
+from sand.errors import SandError
 from sand.react import conversation
 from sand.training.config import TrainConfig
 from sand.trajectory import Trajectory, from_frame
@@ -47,14 +49,28 @@ class TrainSpec(TrainConfig):
         return cls.model_validate_json(text)
 
 
-def training_examples(trajectories: list[Trajectory], history_steps: int | None) -> list[dict]:
-    """Conversational examples (`{"messages": [...]}`), one per window of steps."""
+def training_examples(trajectories: list[Trajectory], history_steps: int | None,
+                      length: Callable[[list[dict]], int] | None = None, max_length: int | None = None) -> list[dict]:
+    """Conversational examples (`{"messages": [...]}`), one per window of at most `history_steps` steps.
+
+    With `length` (a conversation's tokens) and `max_length`, a window that would be longer ends early and the next
+    one starts where it ended: the trainer cuts a long example's last turns off, so they would never be trained on
+    (deliberation thoughts make D_k's windows much longer than D_0's)."""
     examples = []
     for t in trajectories:
         window = history_steps or max(len(t.steps), 1)
-        for start in range(0, len(t.steps), window):
-            steps = t.steps[start:start + window]
-            examples.append({"messages": conversation(t.env, t.instruction, steps, final_observation=False)})
+        start = 0
+        while start < len(t.steps):
+            end = min(start + window, len(t.steps))
+            messages = conversation(t.env, t.instruction, t.steps[start:end], final_observation=False)
+            while max_length and length(messages) > max_length:
+                if end - start == 1:
+                    raise SandError(f"{t.env} trajectory {t.id}, step {start + 1}: the instruction and this step "
+                                    f"alone are {length(messages)} tokens, more than train.max_length {max_length}")
+                end -= 1
+                messages = conversation(t.env, t.instruction, t.steps[start:end], final_observation=False)
+            examples.append({"messages": messages})
+            start = end
     return examples
 
 
@@ -101,8 +117,9 @@ def train(spec: TrainSpec, log: Callable[[dict], None] = lambda record: None) ->
     partial = output.with_name(output.name + ".partial")
     bf16 = bf16_capable() if spec.bf16 is None else spec.bf16
     trajectories = [t for path in spec.data for t in from_frame(pl.read_parquet(path))]
-    examples = training_examples(trajectories, spec.history_steps)
     tokenizer = AutoTokenizer.from_pretrained(spec.base_model)
+    examples = training_examples(trajectories, spec.history_steps, max_length=spec.max_length, length=lambda m: len(
+        tokenizer.apply_chat_template(m, tokenize=True, return_dict=True)["input_ids"]))
     curve: list[dict] = []
 
     class Progress(TrainerCallback):

@@ -5,7 +5,13 @@ from pydantic import ValidationError
 from resources import AlfWorldResource, ComputeResource, SciWorldResource, StoreResource
 from sand.errors import SandError
 from sand.experiment import Experiment
-from sand_assets.expert_data import alfworld_heldout_games, imported_trajectories, sciworld_source_trajectories
+from sand_assets.expert_data import (
+    alfworld_heldout_games,
+    alfworld_source_trajectories,
+    alfworld_training_games,
+    imported_trajectories,
+    sciworld_source_trajectories,
+)
 from sand_assets.models import evaluation_data
 
 RESOURCES = {"alfworld": AlfWorldResource, "sciworld": SciWorldResource, "compute": ComputeResource,
@@ -13,9 +19,13 @@ RESOURCES = {"alfworld": AlfWorldResource, "sciworld": SciWorldResource, "comput
 
 
 def experiment_job(exp: Experiment):
-    """`sand run <name>`: expert data (inbox imports excepted: they run per file; held-out games only when
-    the experiment evaluates on them) then the experiment, with the experiment's resource settings."""
+    """`sand run <name>`: expert data (inbox imports excepted: they run per file; an environment's sources only
+    when the experiment trains on it, held-out games only when it evaluates on them) then the experiment, with
+    the experiment's resource settings."""
+    sources = {"alfworld": {alfworld_training_games, alfworld_source_trajectories},
+               "sciworld": {sciworld_source_trajectories}}
     unused = {alfworld_heldout_games} - set(evaluation_data(exp))
+    unused |= {a for env, assets in sources.items() if env not in exp.train_data for a in assets}
     selection = AssetSelection.groups("expert_data", exp.name) - AssetSelection.assets(imported_trajectories, *unused)
     return define_asset_job(exp.name, selection=selection, description=exp.description or None,
                             config=job_config(exp))

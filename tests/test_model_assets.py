@@ -3,7 +3,7 @@ in real environments, rows in the catalog's checkpoints / evaluations / lineage 
 import json
 
 import pytest
-from dagster import PipesSubprocessClient, instance_for_test, materialize
+from dagster import Definitions, PipesSubprocessClient, instance_for_test, load_assets_from_modules, materialize
 
 from jobs.experiments import experiment_job
 from resources import AlfWorldResource, ComputeResource, SciWorldResource, StoreResource
@@ -13,6 +13,7 @@ from sand.experiment import EnvEval, EvalConfig, Experiment, TrainConfig, load_e
 from sand.models.checkpoints import checkpoint_problems
 from sand.models.registry import tiny_model
 from sand.store import Lineage, Store
+from sand_assets import expert_data
 from sand_assets.expert_data import expert_trajectories
 from sand_assets.models import build_model_assets
 from tests.conftest import DATA
@@ -119,6 +120,21 @@ def test_experiment_resource_settings_and_trained_task_types_become_its_job_conf
     assert experiment_job(exp).config == {
         "ops": {"sciworld_source_trajectories": {"config": {"tasks": ["find-plant", "find-animal"]}}}}
     assert experiment_job(Experiment(name="all_tasks", train_tasks={"alfworld": ["pick_and_place"]})).config is None
+
+
+def test_an_experiment_job_records_the_expert_data_of_the_environments_it_trains_on(sand_home):
+    def expert_assets(exp):
+        defs = Definitions(assets=load_assets_from_modules([expert_data]), jobs=[experiment_job(exp)], resources={
+                               "store": StoreResource(home=str(sand_home)), "sciworld": SciWorldResource(),
+                               "alfworld": AlfWorldResource()})
+        keys = defs.resolve_job_def(exp.name).asset_layer.executable_asset_keys
+        return sorted(k.to_user_string() for k in keys)
+
+    assert expert_assets(Experiment(name="sci", train_data={"sciworld": None})) == [
+        "expert_trajectories", "sciworld_source_trajectories"]
+    assert expert_assets(Experiment(name="both")) == [
+        "alfworld_source_trajectories", "alfworld_training_games", "expert_trajectories",
+        "sciworld_source_trajectories"]
     for resources, problem in [
             ({"alfworld": {"train_gamez": 1}}, r"resources.alfworld: unknown settings \['train_gamez'\]"),
             ({"alfworld": {"train_games": "many"}}, "resources.alfworld: train_games: Input should be"),

@@ -43,7 +43,8 @@ def test_sft_and_evaluations_land_in_the_catalog(sand_home):
         assert result.success
         checkpoint = store.sql("select path, lora, train_steps, final_loss, examples from checkpoints "
                                "where experiment = 'tiny'").row(0, named=True)
-        assert checkpoint["lora"] and checkpoint["train_steps"] == 3 and checkpoint["examples"] == 2
+        # Two trajectories, each longer than max_length (512) in the tiny model's tokens: 5 windows that fit.
+        assert checkpoint["lora"] and checkpoint["train_steps"] == 3 and checkpoint["examples"] == 5
         assert (store.resolve(checkpoint["path"]) / "adapter_config.json").exists()
         summary = store.sql("select agent, env, split, episodes, avg_reward, format_error_rate "
                             "from evaluation_summary where experiment = 'tiny' order by agent, env")

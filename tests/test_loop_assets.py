@@ -39,7 +39,7 @@ def test_one_sand_iteration_end_to_end(sand_home):
         # Full finetuning at a high rate: enough for the random tiny model to emit actions, so that its
         # samples disagree with the expert at some steps.
         train=TrainConfig(lora=False, learning_rate=3e-3, max_steps=40, per_device_batch_size=2,
-                          gradient_accumulation_steps=1, max_length=512, history_steps=4),
+                          gradient_accumulation_steps=1, max_length=1024, history_steps=4),
         evaluation=EvalConfig(pool_size=2, max_new_tokens=16, envs={
             "alfworld": EnvEval(splits=["valid_seen"], tasks_per_split=1, max_steps=3)}),
         sand=SandConfig(iterations=1, n_samples=2, rollout_max_steps=2))

@@ -67,7 +67,7 @@ def test_two_iterations_end_to_end(sand_home):
         name="tiny", base_model=str(tiny_model()), train_data={"alfworld": None},
         # Full finetuning at a high rate; few steps, as three trainings run.
         train=TrainConfig(lora=False, learning_rate=3e-3, max_steps=8, per_device_batch_size=2,
-                          gradient_accumulation_steps=1, max_length=512, history_steps=4),
+                          gradient_accumulation_steps=1, max_length=1024, history_steps=4),
         evaluation=EvalConfig(pool_size=2, max_new_tokens=16, envs={
             "alfworld": EnvEval(splits=["valid_seen"], tasks_per_split=1, max_steps=3)}),
         sand=SandConfig(iterations=2, n_samples=2, rollout_max_steps=2))

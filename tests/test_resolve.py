@@ -108,7 +108,7 @@ def test_sand_iteration_deliberates_over_imported_data(imported, home):
     exp = Experiment(
         name="imported", base_model=str(tiny_model()), train_data={"alfworld": None, "sciworld": None},
         train=TrainConfig(lora=False, max_steps=2, per_device_batch_size=2, gradient_accumulation_steps=1,
-                          max_length=512, history_steps=4),
+                          max_length=1024, history_steps=4),
         evaluation=EvalConfig(pool_size=2, max_new_tokens=16, envs={
             "alfworld": EnvEval(splits=["valid_seen"], tasks_per_split=1, max_steps=3)}),
         sand=SandConfig(iterations=1, self_consistency=False, writer_max_new_tokens=16))

@@ -87,6 +87,12 @@ def test_cli_import_sql_and_rejection(sand_home, tmp_path):
     assert "imported 2 alfworld trajectories" in ok.stdout
     count = sand("sql", "select count(*) as n from trajectories where env = 'alfworld'", "--format", "csv", env=env)
     assert count.stdout.splitlines() == ["n", "2"]
+    # A reader that stops early (`sand sql ... | head -1`) ends the command quietly, without a traceback.
+    sql = subprocess.Popen([sys.executable, "-m", "sand.cli", "sql", "select * from trajectories, range(2000)"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    sql.stdout.readline()
+    sql.stdout.close()
+    assert sql.wait(timeout=120) == 1 and b"Traceback" not in sql.stderr.read()
 
     bad = _broken(tmp_path, lambda r: r[1]["conversations"][5].update({"value": "no action here"}))
     before = sorted(p.name for p in sand_home.rglob("*.parquet"))

@@ -1,8 +1,10 @@
 """The Dagster UI in a real browser: `dagster dev` on 127.0.0.1 over a SAND_HOME built here with the tiny model,
 driven by headless Chromium (the system's `chromium`, through Playwright: no browser download). Screenshots land
 in test-artifacts/ui/."""
+import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -78,7 +80,8 @@ def ui(tmp_path_factory):
             port = free_port()
             server = subprocess.Popen([sys.executable, "-m", "dagster", "dev", "-m", "sand_assets.definitions",
                                        "-h", "127.0.0.1", "-p", str(port)], cwd=REPO, env=env,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                      start_new_session=True)  # its webserver and daemon go with it
             url = f"http://127.0.0.1:{port}"
 
             def serving():
@@ -92,11 +95,13 @@ def ui(tmp_path_factory):
                 wait_for(serving, 180, f"dagster dev on {url}")
                 yield url, instance
             finally:
-                server.terminate()
+                os.killpg(server.pid, signal.SIGTERM)
                 try:
                     server.wait(timeout=20)
                 except subprocess.TimeoutExpired:
-                    server.kill()
+                    pass
+                with contextlib.suppress(ProcessLookupError):  # a child slower to stop than dagster dev
+                    os.killpg(server.pid, signal.SIGKILL)
 
 
 @pytest.fixture(scope="module")

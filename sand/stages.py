@@ -64,7 +64,7 @@ def run_iteration(exp, store: Store, k: int, backends: BackendFactory, envs: Env
     pi_k and its evaluation (each stage's result by name)."""
     results = {"sample": sample(exp, store, k, backends, lineage_of, stage_code("sampling"), log)}
     results["critique"] = critique(exp, store, k, backends, envs, lineage_of, stage_code("critique"), log)
-    results["synthesize"] = synthesize(exp, store, k, backends, lineage_of, log)
+    results["synthesize"] = synthesize(exp, store, k, backends, lineage_of, stage_code("synthesis"), log)
     results["finetune"] = finetune(exp, store, k, lineage_of, train, log)
     results["evaluate"] = evaluate_agent(exp, store, f"iter_{k}", k, backends, envs, lineage_of,
                                          stage_code("evaluation"), log)

@@ -97,7 +97,7 @@ def _iteration(exp: Experiment, k: int, data_key: AssetKey, checkpoint_key: Asse
                                                 "validation twice).")])
     def deliberation_dataset(context: AssetExecutionContext, store: StoreResource, compute: ComputeResource):
         result = stages.synthesize(exp, store.store(), k, backends(exp, compute), lineage_of(context, synthesis_keys),
-                                   context.log.info)
+                                   code["synthesis"], context.log.info)
         n, fallbacks = result.counts["deliberations"], result.counts["fallbacks"]
         rate = fallbacks / n if n else 0.0
         too_many = [f"{fallbacks} of {n} deliberations are fallbacks"] if rate > stages.FALLBACK_WARNING_RATE else []

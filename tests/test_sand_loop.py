@@ -456,6 +456,26 @@ def test_expert_switch_adopts_a_better_candidate_and_its_rollout(writer, alf):
     assert switched.steps[2].thought == "done"
 
 
+
+def test_synthesis_resumes_from_finished_steps(writer, alf, sampled, alf_critiques):
+    _, rollouts, critiques, _, _ = alf_critiques
+    candidates = [c for c in sampled if c.trajectory_id in {t.id for t in alf}]
+    batches = []
+    full = synthesize(writer, alf, candidates, critiques, rollouts, batch_size=2, max_new_tokens=16,
+                      on_result=batches.append)
+    assert len(full.deliberations) >= 3 and all(len(b) <= 2 for b in batches)
+    assert [d for b in batches for d in b] == full.deliberations  # each batch handed over as it is written
+    # An interrupted run's deliberations are taken as they are (marked here), and only the rest are written.
+    done = {(d.trajectory_id, d.step): replace(d, thought=d.thought + " (kept)") for d in full.deliberations[:-1]}
+    batches.clear()
+    resumed = synthesize(writer, alf, candidates, critiques, rollouts, batch_size=2, max_new_tokens=16, done=done,
+                         on_result=batches.append)
+    last = full.deliberations[-1]
+    assert [[(d.trajectory_id, d.step) for d in b] for b in batches] == [[(last.trajectory_id, last.step)]]
+    assert resumed.deliberations[:-1] == list(done.values())
+    thoughts = {(old.id, i): s.thought for old, t in zip(alf, resumed.dataset) for i, s in enumerate(t.steps)}
+    assert all(thoughts[key] == d.thought for key, d in done.items())
+
 def run_stages(folder, trajectories, agent_folder, make_env=None, pool_size=4, **sand) -> SimpleNamespace:
     """Sampling, critique and synthesis of iteration 1 through the engine's stages, on a store in `folder`
     whose D_0 is `trajectories` and whose pi_0 is the agent's folder; what they stored, as objects, with the
@@ -481,8 +501,8 @@ def run_stages(folder, trajectories, agent_folder, make_env=None, pool_size=4, *
     reported = {"sample": stages.sample(exp, store, 1, backends, lineage_of, code="test").counts,
                 "critique": stages.critique(exp, store, 1, backends, stages.Envs(lambda env: make_env), lineage_of,
                                             code="test").counts,
-                "synthesize": stages.synthesize(exp, store, 1, backends, lineage_of).counts}
-    return SimpleNamespace(built=built, reported=reported,
+                "synthesize": stages.synthesize(exp, store, 1, backends, lineage_of, code="test").counts}
+    return SimpleNamespace(built=built, reported=reported, exp=exp, store=store, lineage_of=lineage_of,
                            candidates=candidates_from_frame(store.read("candidates", "t/iter_1")),
                            rollouts=rollouts_from_frame(store.read("rollouts", "t/iter_1")),
                            critiques=critiques_from_frame(store.read("critiques", "t/iter_1")),
@@ -512,6 +532,16 @@ def test_ablation_without_sampling_deliberates_every_step(agent, home, alf, tmp_
     assert all(d.mode == "no_sampling" and d.thought.startswith(DELIBERATION_PREFIX) and d.thought.endswith(
         f'"{normalize(d.answer, "alfworld")}".') for d in result.deliberations)
     assert all(s.thought.startswith(DELIBERATION_PREFIX) for t in result.dataset for s in t.steps)
+
+    class Unreachable(TransformersBackend):
+        def generate(self, prompts, params, adapter=None):
+            raise AssertionError("a finished deliberation was written again")
+
+    # Run again, the synthesis finds every deliberation in its work log and stores the same D_1.
+    version = result.store.head("trajectories", "t/iter_1").version
+    stages.synthesize(result.exp, result.store, 1, lambda model, settings: Unreachable(tiny_model()),
+                      result.lineage_of, code="test")
+    assert result.store.head("trajectories", "t/iter_1").version == version
 
 
 def test_full_iteration_on_sciworld_and_tables_round_trip(agent, home, sci, tmp_path):

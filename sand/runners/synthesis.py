@@ -5,6 +5,7 @@ from sand.experiment import Experiment
 from sand.models.serving import (
     BackendFactory,
     critic_backend,
+    critic_identity,
     critic_model,
 )
 from sand.preflight import check_experiment
@@ -15,6 +16,7 @@ from sand.runners.common import (
     default_log,
     iteration_dataset,
     stage_lineage,
+    work_dir,
 )
 from sand.runners.inputs import previous_data
 from sand.sand_loop.quality import deliberation_quality
@@ -23,14 +25,16 @@ from sand.sand_loop.tables import (
     candidates_from_frame,
     critiques_from_frame,
     deliberations_frame,
+    deliberations_from_frame,
     rollouts_from_frame,
 )
 from sand.store import Store
 from sand.trajectory import to_frame
+from sand.worklog import WorkLog
 
 
 def synthesize(exp: Experiment, store: Store, k: int, backends: BackendFactory, lineage_of: LineageOf,
-               log: Log = default_log) -> StageResult:
+               code: str, log: Log = default_log) -> StageResult:
     """D_k: the writer's deliberation thought replaces the thought at uncertain steps, ending at the expert
     action; confident steps keep theirs, and trajectories outside the deliberated share are carried over
     unchanged. Writes `deliberations` and D_k in `trajectories`."""
@@ -42,9 +46,24 @@ def synthesize(exp: Experiment, store: Store, k: int, backends: BackendFactory, 
     candidates = candidates_from_frame(store.read("candidates", name)) if s.self_consistency else None
     critiques = critiques_from_frame(store.read("critiques", name)) if s.critique and s.self_consistency else None
     rollouts = rollouts_from_frame(store.read("rollouts", name)) if critiques is not None else None
+    work = WorkLog(work_dir(store, "deliberations", code, data=data.version,
+                            **{t: ref.version if ref else None for t, ref in refs.items()},
+                            writer=critic_identity(exp), backend=exp.backend.model_dump(),
+                            critic_backend=s.critic_backend.model_dump() if s.critic_backend else None,
+                            self_consistency=s.self_consistency, critique=s.critique, expert_switch=s.expert_switch,
+                            writer_max_new_tokens=s.writer_max_new_tokens))
+    done = {(d.trajectory_id, d.step): d for d in deliberations_from_frame(work.frame())} if work.exists() else {}
+    written = len(done)
+
+    def persist(batch) -> None:
+        nonlocal written
+        work.append(deliberations_frame(batch))
+        written += len(batch)
+        log(f"{written} deliberations written")
+
     with critic_backend(exp, backends) as writer:
         result = synthesize_deliberations(writer, trajectories, candidates, critiques, rollouts, s.expert_switch,
-                                          max_new_tokens=s.writer_max_new_tokens)
+                                          max_new_tokens=s.writer_max_new_tokens, done=done, on_result=persist)
     inputs = [data, *refs.values()]
     deliberations = store.write("deliberations", name, deliberations_frame(result.deliberations),
                                 stage_lineage(lineage_of, "deliberations", k, inputs))

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from sand import prompts
@@ -261,6 +262,8 @@ def _prompt(writer: Backend, job: _Job, mode: str, history_steps: int, strict: b
         text += "\n\n" + prompts.load("synthesis_retry").format(answer=job.answer)
     # The reply is forced to open with the marker: the writer continues from it.
     return writer.render([{"role": "user", "content": text}]) + DELIBERATION_PREFIX
+
+
 def _switch_points(by_id: dict[str, Trajectory], uncertain: list[StepCandidates],
                    rollouts: list[Rollout]) -> dict[str, tuple[int, Rollout]]:
     """Trajectory id -> (step, rollout) of its first step where an alternative beat the expert action."""
@@ -276,25 +279,49 @@ def _switch_points(by_id: dict[str, Trajectory], uncertain: list[StepCandidates]
     return switches
 
 
-def _write(writer: Backend, jobs: list[_Job], todo, mode: str, params: SamplingParams, batch_size: int,
+def _write(writer: Backend, jobs: list[_Job], todo: list[int], mode: str, params: SamplingParams,
            history_steps: int, strict: bool) -> dict[int, tuple[str | None, str | None, str]]:
-    """Job index -> (the valid thought or None, why it was rejected, the writer's reply), `batch_size` prompts
-    per generate call."""
-    todo, out = list(todo), {}
-    for start in range(0, len(todo), batch_size):
-        chunk = todo[start:start + batch_size]
-        replies = writer.generate([_prompt(writer, jobs[i], mode, history_steps, strict) for i in chunk], params)
-        for i, [reply] in zip(chunk, replies):
-            job, text = jobs[i], f"{DELIBERATION_PREFIX} {reply.text.strip()}"
-            out[i] = (*check(text, job.answer, job.names, job.trajectory.env, job.evidence), text)
+    """Job index -> (the valid thought or None, why it was rejected, the writer's reply), in one generate call."""
+    replies = writer.generate([_prompt(writer, jobs[i], mode, history_steps, strict) for i in todo], params)
+    out = {}
+    for i, [reply] in zip(todo, replies):
+        job, text = jobs[i], f"{DELIBERATION_PREFIX} {reply.text.strip()}"
+        out[i] = (*check(text, job.answer, job.names, job.trajectory.env, job.evidence), text)
     return out
+
+
+def _deliberate(writer: Backend, jobs: list[_Job], todo: list[int], mode: str, params: SamplingParams,
+                history_steps: int) -> list[Deliberation]:
+    """The deliberations of jobs `todo`: the writer's thought, retried once under stricter instructions, else
+    the fallback written from the evidence."""
+    first = _write(writer, jobs, todo, mode, params, history_steps, strict=False)
+    failed = [i for i in todo if first[i][0] is None]
+    retry = _write(writer, jobs, failed, mode, params, history_steps, strict=True) if failed else {}
+    made = []
+    for i in todo:
+        job = jobs[i]
+        env, answer = job.trajectory.env, normalize(job.answer, job.trajectory.env)
+        valid, rejection, reply = retry.get(i, first[i])
+        thought = valid or fallback_thought(job, quoted_actions(reply, env))
+        weighed = job.names or [answer] + [a for a in quoted_actions(thought, env) if a != answer]
+        repeated = any(repeats_itself(attempts[i][2]) for attempts in (first, retry) if i in attempts)
+        made.append(Deliberation(
+            job.trajectory.id, job.step, thought, job.answer, weighed, fallback=valid is None, retried=i in retry,
+            mode=mode, rejection=rejection, repeated=repeated,
+            named=len(named_candidates(thought, job.names, env)),
+            valid=validate(thought, job.answer, job.names, env, job.evidence) == thought))
+    return made
 
 
 def synthesize(writer: Backend, trajectories: list[Trajectory], candidates: list[StepCandidates] | None,
                critiques: list[Critique] | None = None, rollouts: list[Rollout] | None = None,
                expert_switch: bool = False, batch_size: int = 64, max_new_tokens: int = 192,
-               history_steps: int = 5) -> Synthesis:
+               history_steps: int = 5, done: dict[tuple[str, int], Deliberation] | None = None,
+               on_result: Callable[[list[Deliberation]], None] | None = None) -> Synthesis:
     """Deliberation thoughts for the uncertain steps and the dataset D_k.
+
+    Steps in `done` ((trajectory id, step) -> its deliberation, from an interrupted run) are not written again;
+    each batch of `batch_size` new deliberations goes to `on_result` as soon as it is written.
 
     `writer` is pi_base (base weights, temperature 0). `candidates=None`: ablation without
     self-consistency sampling; `critiques=None`: ablation without execution-guided critique.
@@ -320,21 +347,15 @@ def synthesize(writer: Backend, trajectories: list[Trajectory], candidates: list
             jobs.append(_Job(t, c.step, answer, [(a, by_key.get(candidate_key(t, c.step, a)))
                                                 for a in _order(t.id, c.step, c.candidates)]))
     params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, stop=_STOP)
-    first = _write(writer, jobs, range(len(jobs)), mode, params, batch_size, history_steps, strict=False)
-    retry = _write(writer, jobs, [i for i, (valid, _, _) in first.items() if valid is None], mode, params,
-                   batch_size, history_steps, strict=True)
-    deliberations = []
-    for i, job in enumerate(jobs):
-        env, answer = job.trajectory.env, normalize(job.answer, job.trajectory.env)
-        valid, rejection, reply = retry.get(i, first[i])
-        thought = valid or fallback_thought(job, quoted_actions(reply, env))
-        weighed = job.names or [answer] + [a for a in quoted_actions(thought, env) if a != answer]
-        repeated = any(repeats_itself(attempts[i][2]) for attempts in (first, retry) if i in attempts)
-        deliberations.append(Deliberation(
-            job.trajectory.id, job.step, thought, job.answer, weighed, fallback=valid is None, retried=i in retry,
-            mode=mode, rejection=rejection, repeated=repeated,
-            named=len(named_candidates(thought, job.names, env)),
-            valid=validate(thought, job.answer, job.names, env, job.evidence) == thought))
+    done = done or {}
+    todo = [i for i, job in enumerate(jobs) if (job.trajectory.id, job.step) not in done]
+    made = {}
+    for start in range(0, len(todo), batch_size):
+        batch = _deliberate(writer, jobs, todo[start:start + batch_size], mode, params, history_steps)
+        made.update({(d.trajectory_id, d.step): d for d in batch})
+        if on_result:
+            on_result(batch)
+    deliberations = [made.get(key) or done[key] for key in ((job.trajectory.id, job.step) for job in jobs)]
     return Synthesis(deliberations, build_dataset(trajectories, deliberations, switches), sorted(switches))
 
 

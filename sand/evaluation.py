@@ -18,6 +18,7 @@ from sand.envs.base import Environment, TaskSpec
 from sand.errors import SandError
 from sand.models.backends import Backend, SamplingParams, adapter_key
 from sand.rollout import EpisodeRequest, EpisodeResult, RolloutEngine
+from sand.schemas import TRANSCRIPT
 from sand.worklog import WorkLog
 
 # Phrases a deliberation thought uses (lowercase); the deliberation synthesis prompt writes them.
@@ -66,6 +67,7 @@ class EpisodeRecord:
     deliberation_steps: int  # agent steps whose thought is_deliberation()
     prompt_tokens: int
     completion_tokens: int
+    transcript: list[dict]  # per agent step (sand.schemas.TRANSCRIPT): reply, thought, action, observation, ...
 
 
 def record_of(result: EpisodeResult) -> EpisodeRecord:
@@ -76,7 +78,16 @@ def record_of(result: EpisodeResult) -> EpisodeRecord:
         invalid_actions=result.invalid_actions, max_invalid_streak=result.request.max_invalid_streak,
         invalid_cutoff=result.invalid_cutoff,
         deliberation_steps=sum(is_deliberation(s.thought) for s in result.agent_steps),
-        prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens)
+        prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens, transcript=transcript(result))
+
+
+def transcript(result: EpisodeResult) -> list[dict]:
+    """The agent's steps of an episode, each with its raw reply and the environment's answer and score."""
+    forced = len(result.steps) - len(result.agent_steps)
+    return [{"reply": reply, "thought": s.thought, "action": s.action, "observation": s.observation, "valid": valid,
+             "score": score} for reply, s, valid, score in zip(result.replies, result.agent_steps,
+                                                                result.valid[forced:], result.scores[forced + 1:],
+                                                                strict=True)]
 
 
 def adapter_identity(adapter: str | None) -> str:
@@ -124,5 +135,6 @@ def evaluate(backend: Backend, make_env: Callable[[], Environment], tasks: list[
                 done[record.env, record.task_id] = record
                 if log is not None:
                     log.append(pl.DataFrame([{"adapter": identity, **asdict(record)}],  # parts concatenate
-                                            schema_overrides={"max_invalid_streak": pl.Int64}))
+                                            schema_overrides={"max_invalid_streak": pl.Int64,
+                                                              "transcript": TRANSCRIPT}))
     return [done[t.env, t.task_id] for t in tasks]

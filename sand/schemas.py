@@ -25,6 +25,11 @@ CHECKPOINT_SCHEMA: dict[str, pl.DataType] = {
     "loss_curve": pl.List(pl.Struct({"step": pl.Int64, "loss": pl.Float64})),
 }
 
+# One agent step of an evaluated episode: its raw reply, the thought and action parsed from it (action "": a reply
+# without one), what the environment answered, whether it accepted the action, and its score after the step.
+TRANSCRIPT = pl.List(pl.Struct({"reply": pl.Utf8, "thought": pl.Utf8, "action": pl.Utf8, "observation": pl.Utf8,
+                                "valid": pl.Boolean, "score": pl.Float64}))
+
 EVALUATION_SCHEMA: dict[str, pl.DataType] = {
     "experiment": pl.Utf8,
     "agent": pl.Utf8,  # "base", "sft", "iter_1", ...
@@ -44,6 +49,7 @@ EVALUATION_SCHEMA: dict[str, pl.DataType] = {
     "deliberation_steps": pl.Int32,
     "prompt_tokens": pl.Int64,
     "completion_tokens": pl.Int64,
+    "transcript": TRANSCRIPT,  # the episode as the agent played it (the `evaluation_steps` view: a row a step)
 }
 
 # Uncertainty of the scores (sand.report.record_uncertainty, after each evaluation): bootstrap intervals of an

@@ -318,7 +318,10 @@ class Store:
         views["steps"] = ("select id as trajectory_id, dataset, version, env, "
                           "generate_subscripts(steps, 1) - 1 as step, unnest(steps, recursive := true) "
                           "from trajectories_current")
-        views["evaluations"] = "select * from evaluations_current"
+        views["evaluations"] = "select * exclude (transcript) from evaluations_current"
+        views["evaluation_steps"] = ("select experiment, agent, env, split, task, task_id, dataset, version, "
+                                     "generate_subscripts(transcript, 1) - 1 as step, "
+                                     "unnest(transcript, recursive := true) from evaluations_current")
         views["evaluation_summary"] = EVALUATION_SUMMARY_SQL
         views["agent_comparison"] = AGENT_COMPARISON_SQL
         views["resolution_summary"] = RESOLUTION_SUMMARY_SQL

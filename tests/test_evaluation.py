@@ -9,6 +9,7 @@ from sand.errors import SandError
 from sand.evaluation import evaluate, is_deliberation
 from sand.models import tiny_model
 from sand.models.backends import TransformersBackend
+from sand.rollout import FORMAT_ERROR
 from sand.worklog import WorkLog
 
 torch.set_num_threads(1)
@@ -43,6 +44,9 @@ def test_garbage_replies_are_recorded_format_errors(home, tiny, sci_tasks):
         assert r.steps == r.format_errors == 3 and r.invalid_actions == r.deliberation_steps == 0
         assert 0.0 <= r.reward <= 1.0 and r.success == (r.reward >= 1.0)
         assert r.prompt_tokens > 0 and 0 < r.completion_tokens <= 3 * 16
+        # The transcript keeps each reply; none held an action, so the environment never moved.
+        assert len(r.transcript) == 3 and all(s["reply"] and (s["action"], s["observation"], s["valid"]) ==
+                                              ("", FORMAT_ERROR, False) for s in r.transcript)
     assert [(r.env, r.split) for r in records] == [("alfworld", "valid_seen")] * 2 + [("sciworld", "dev")] * 2
 
 
@@ -94,6 +98,8 @@ def test_consecutive_invalid_actions_end_the_episode(home, sci_tasks):
     for r in cut:
         assert (r.steps, r.invalid_actions, r.format_errors, r.invalid_cutoff, r.max_invalid_streak) == \
             (3, 3, 0, True, 3)
+        assert [(s["thought"], s["action"], s["valid"]) for s in r.transcript] == [("hmm.", "fly away", False)] * 3
+        assert all("fly away" in s["reply"] and s["observation"] and s["score"] == 0.0 for s in r.transcript)
     assert (uncut[0].steps, uncut[0].invalid_actions, uncut[0].invalid_cutoff, uncut[0].max_invalid_streak) == \
         (5, 5, False, None)
 

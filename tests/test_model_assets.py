@@ -52,6 +52,13 @@ def test_sft_and_evaluations_land_in_the_catalog(sand_home):
             ("base", "alfworld", "valid_seen", 2), ("base", "sciworld", "dev", 1),
             ("sft", "alfworld", "valid_seen", 2), ("sft", "sciworld", "dev", 1)]
         assert summary["avg_reward"].is_between(0, 100).all()
+        # Every episode can be read step by step: the agent's reply and the environment's answer.
+        per_episode = store.sql("select agent, task_id, steps from evaluations where experiment = 'tiny'")
+        per_step = store.sql("select agent, task_id, count(*) as steps, count(reply) as replies, "
+                             "count(observation) as observations from evaluation_steps where experiment = 'tiny' "
+                             "group by all")
+        assert sorted(per_step.select("agent", "task_id", "steps").rows()) == sorted(per_episode.rows())
+        assert per_step["replies"].to_list() == per_step["observations"].to_list() == per_step["steps"].to_list()
         # Each evaluation recorded its intervals and its comparisons with the agent evaluated before it.
         assert store.sql("select count(*) from evaluation_summary where experiment = 'tiny' and ci_lo <= avg_reward "
                          "and avg_reward <= ci_hi").item() == 4

@@ -13,7 +13,7 @@ from sand.store import Lineage, Store
 def episodes(agent, iteration, *rows):
     base = {"experiment": "exp", "agent": agent, "iteration": iteration, "checkpoint": None, "task": "t",
             "format_errors": 0, "invalid_actions": 0, "max_invalid_streak": 10, "invalid_cutoff": False,
-            "deliberation_steps": 0, "prompt_tokens": 100, "completion_tokens": 10}
+            "deliberation_steps": 0, "prompt_tokens": 100, "completion_tokens": 10, "transcript": []}
     return pl.DataFrame([{**base, "task_id": r.get("task_id", f"{r['env']}{i}"), "success": r["reward"] >= 1, **r}
                          for i, r in enumerate(rows)])
 

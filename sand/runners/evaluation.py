@@ -21,6 +21,7 @@ from sand.runners.common import (
     work_dir,
 )
 from sand.runners.inputs import checkpoint
+from sand.schemas import TRANSCRIPT
 from sand.selection import spread_tasks
 from sand.store import Store
 from sand.worklog import WorkLog
@@ -54,8 +55,9 @@ def evaluate_agent(exp: Experiment, store: Store, agent: str, iteration: int | N
                                log=WorkLog(work / env_name))
             rows += [{**vars(r), "experiment": exp.name, "agent": agent, "iteration": iteration,
                       "checkpoint": checkpoint_ref.version if checkpoint_ref else None} for r in records]
-    written = store.write("evaluations", f"{exp.name}/{agent}", pl.DataFrame(rows), stage_lineage(
-        lineage_of, "evaluations", iteration, [checkpoint_ref] if checkpoint_ref else [], agent=agent))
+    written = store.write("evaluations", f"{exp.name}/{agent}", pl.DataFrame(rows, schema_overrides={
+        "transcript": TRANSCRIPT}), stage_lineage(lineage_of, "evaluations", iteration,
+                                                   [checkpoint_ref] if checkpoint_ref else [], agent=agent))
     # Intervals and paired comparisons with the other agents, stored for the catalog; numeric metadata per split.
     metadata = record_uncertainty(store, exp.name, agent, stage_lineage(
         lineage_of, "evaluation_intervals", iteration, [written.ref], agent=agent))

@@ -3,6 +3,7 @@ ScienceWorld variation, with tiny models. The agent pi_k is the tiny model train
 seconds on the expert steps, so that its samples are actions (varied ones: it is far from converged);
 the writer pi_base is the untrained tiny model, whose replies never pass validation (fallback path).
 Tests marked slow put the real default model (SmolLM2-135M) in the critic's and the writer's place."""
+import re
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -18,7 +19,7 @@ from sand.envs.sciworld import ScienceWorldEnv
 from sand.evaluation import is_deliberation
 from sand.experiment import EvalConfig, Experiment, SandConfig
 from sand.experts import record_expert
-from sand.models.backends import SamplingParams, TransformersBackend
+from sand.models.backends import Completion, SamplingParams, TransformersBackend
 from sand.models.registry import tiny_model
 from sand.react import assistant_turn, conversation
 from sand.rollout import RolloutEngine
@@ -43,7 +44,16 @@ from sand.sand_loop.sampling import (
     collect_candidates,
     sample_candidates,
 )
-from sand.sand_loop.synthesis import DELIBERATION_PREFIX, check, dataset_id, repeats_itself, synthesize, validate
+from sand.sand_loop.synthesis import (
+    DELIBERATION_PREFIX,
+    _Job,
+    check,
+    dataset_id,
+    fallback_thought,
+    repeats_itself,
+    synthesize,
+    validate,
+)
 from sand.sand_loop.tables import (
     candidates_frame,
     candidates_from_frame,
@@ -57,7 +67,7 @@ from sand.sand_loop.tables import (
 from sand.sand_loop.texts import echoes, repeats_sentence
 from sand.schemas import CHECKPOINT_SCHEMA
 from sand.store import Lineage, Store
-from sand.trajectory import from_frame, to_frame
+from sand.trajectory import Step, from_frame, to_frame
 
 torch.set_num_threads(1)
 
@@ -475,6 +485,78 @@ def test_synthesis_resumes_from_finished_steps(writer, alf, sampled, alf_critiqu
     assert resumed.deliberations[:-1] == list(done.values())
     thoughts = {(old.id, i): s.thought for old, t in zip(alf, resumed.dataset) for i, s in enumerate(t.steps)}
     assert all(thoughts[key] == d.thought for key, d in done.items())
+
+class ScriptedWriter(TransformersBackend):
+    """A writer whose every thought is valid: it names two of the prompt's candidates, then `filler` words,
+    then the answer."""
+    filler = 0
+
+    def generate(self, prompts, params, adapter=None):
+        out = []
+        for prompt in prompts:
+            answer = re.search(r'The last sentence must be: So I will "(.+?)"\.', prompt).group(1)
+            other = next(a for a in re.findall(r'^- "([^"]+)"', prompt, re.M)
+                         if normalize(a, "alfworld") != normalize(answer, "alfworld"))
+            words = "".join(f" w{i}" for i in range(self.filler))
+            text = f'"{other}" and "{answer}" are open{words}. So I will "{answer}".'
+            out.append([Completion(text, 0, 0, "stop")])
+        return out
+
+
+def test_deliberations_fit_the_agents_reply_budget(writer, alf, sampled, alf_critiques):
+    """A thought the agent cannot finish within its reply budget teaches it replies cut off before their action:
+    the writer's are rejected, and the fallback drops quotes, then candidates, until it fits."""
+    _, rollouts, critiques, _, _ = alf_critiques
+    candidates = [c for c in sampled if c.trajectory_id in {t.id for t in alf}]
+
+    def reply(d):
+        return writer.count_tokens(assistant_turn(Step(d.thought, d.answer, "")))
+
+    free = synthesize(writer, alf, candidates, critiques, rollouts, max_new_tokens=16)
+    budget = max(reply(d) for d in free.deliberations)  # the longest does not fit
+    bounded = synthesize(writer, alf, candidates, critiques, rollouts, max_new_tokens=16, reply_tokens=budget)
+    for a, b in zip(free.deliberations, bounded.deliberations, strict=True):
+        assert reply(b) < budget and b.valid and b.named >= 2 and b.fallback, b.thought
+        assert b.thought.endswith(f'So I will "{normalize(b.answer, "alfworld")}".')
+        assert b.thought == a.thought if reply(a) < budget else len(b.thought) < len(a.thought)
+    assert any(a.thought != b.thought for a, b in zip(free.deliberations, bounded.deliberations))
+    # Where not even the answer and one other candidate fit, the step keeps its thought.
+    none = synthesize(writer, alf, candidates, critiques, rollouts, max_new_tokens=16, reply_tokens=8)
+    assert none.deliberations == [] and none.unfit == [(d.trajectory_id, d.step) for d in free.deliberations]
+    assert [[s.thought for s in t.steps] for t in none.dataset] == [[s.thought for s in t.steps] for t in alf]
+
+    scripted = ScriptedWriter(tiny_model())
+    kept = synthesize(scripted, alf, candidates, critiques, rollouts, reply_tokens=budget)
+    assert not any(d.fallback or d.retried for d in kept.deliberations)  # short thoughts are the writer's
+    scripted.filler = budget
+    long = synthesize(scripted, alf, candidates, critiques, rollouts, reply_tokens=budget)
+    assert all(d.fallback and d.retried and d.rejection == "does not fit the agent's reply budget"
+               and reply(d) < budget for d in long.deliberations)
+
+
+def test_the_fallback_shortens_quotes_then_names_fewer_candidates(alf):
+    def judged(action, observation, evidence, valid=True):
+        return Critique("t", 0, "", action, alf[0].id, 0, evidence, False, "", "critic", False, valid, observation,
+                        0.0, 0.0, 0.0, False, 2, evidence)
+
+    seen = "On the desk 1, you see " + ", ".join(f"a pen {i}" for i in range(20)) + "."
+    job = _Job(alf[0], 0, "go to desk 1", [("examine drawer 1", judged("examine drawer 1", "Nothing happens.",
+                                                                        "hindered", valid=False)),
+                                           ("go to desk 1", judged("go to desk 1", seen, "no effect")),
+                                           ("go to shelf 1", judged("go to shelf 1", seen, "hindered"))])
+    forms, limit = [], 200
+    while thought := fallback_thought(job, [], lambda t, answer, n=limit: len(t.split()) <= n):
+        forms.append(thought)  # the thought under a shrinking word budget, until none fits
+        limit = len(thought.split()) - 1
+    assert len(forms) == 4
+    quotes = [max((len(q) for q in re.findall(r'show "([^"]+)"', f)), default=0) for f in forms]
+    assert quotes[0] > quotes[1] > quotes[2] == quotes[3] == 0  # 100, then 40 characters of each observation
+    assert all(f'"{a}"' in f for f in forms[:3] for a in ("go to shelf 1", "go to desk 1", "examine drawer 1"))
+    assert '"examine drawer 1"' not in forms[3] and '"go to shelf 1"' in forms[3]  # the answer and the shortest
+    evidence = {a: c.evidence for a, c in job.options}
+    for f in forms:
+        assert validate(f, "go to desk 1", job.names, "alfworld", evidence) == f and f.endswith('"go to desk 1".')
+
 
 def run_stages(folder, trajectories, agent_folder, make_env=None, pool_size=4, **sand) -> SimpleNamespace:
     """Sampling, critique and synthesis of iteration 1 through the engine's stages, on a store in `folder`

@@ -46,6 +46,16 @@ def critic_identity(exp: Experiment) -> str:
     return f"{model}@{model_hash(resolve_model(model))}"
 
 
+def agent_token_counter(exp: Experiment, critic: Backend) -> Callable[[str], int]:
+    """Counts text in the agent's tokens: with the critic's backend when it serves the agent's base model."""
+    if critic_model(exp) == exp.base_model:
+        return critic.count_tokens
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(exp.base_model))
+    return lambda text: len(tokenizer(text).input_ids)
+
+
 def agent_identity(exp: Experiment, checkpoint_path: str | None) -> str:
     """What the agent's weights are: the base model's hash, or the checkpoint folder (named by its training)."""
     if checkpoint_path is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 from sand.experiment import Experiment
 from sand.models.serving import (
     BackendFactory,
+    agent_token_counter,
     critic_backend,
     critic_identity,
     critic_model,
@@ -51,7 +52,8 @@ def synthesize(exp: Experiment, store: Store, k: int, backends: BackendFactory, 
                             writer=critic_identity(exp), backend=exp.backend.model_dump(),
                             critic_backend=s.critic_backend.model_dump() if s.critic_backend else None,
                             self_consistency=s.self_consistency, critique=s.critique, expert_switch=s.expert_switch,
-                            writer_max_new_tokens=s.writer_max_new_tokens))
+                            writer_max_new_tokens=s.writer_max_new_tokens,
+                            reply_tokens=exp.evaluation.max_new_tokens, agent_model=exp.base_model))
     done = {(d.trajectory_id, d.step): d for d in deliberations_from_frame(work.frame())} if work.exists() else {}
     written = len(done)
 
@@ -63,7 +65,9 @@ def synthesize(exp: Experiment, store: Store, k: int, backends: BackendFactory, 
 
     with critic_backend(exp, backends) as writer:
         result = synthesize_deliberations(writer, trajectories, candidates, critiques, rollouts, s.expert_switch,
-                                          max_new_tokens=s.writer_max_new_tokens, done=done, on_result=persist)
+                                          max_new_tokens=s.writer_max_new_tokens, done=done, on_result=persist,
+                                          reply_tokens=exp.evaluation.max_new_tokens,
+                                          count_tokens=agent_token_counter(exp, writer))
     inputs = [data, *refs.values()]
     deliberations = store.write("deliberations", name, deliberations_frame(result.deliberations),
                                 stage_lineage(lineage_of, "deliberations", k, inputs))
@@ -72,6 +76,9 @@ def synthesize(exp: Experiment, store: Store, k: int, backends: BackendFactory, 
     written = store.write("trajectories", name, dk, stage_lineage(
         lineage_of, "trajectories", k, [*inputs, deliberations.ref], writer=critic_model(exp)))
     log(f"{len(result.deliberations)} deliberations, {result.fallbacks} fallbacks")
+    if result.unfit:
+        log(f"{len(result.unfit)} uncertain steps keep their thought: no deliberation naming two candidates fits "
+            f"the agent's reply budget of {exp.evaluation.max_new_tokens} tokens (evaluation.max_new_tokens)")
     return StageResult({"deliberations": deliberations, "trajectories": written}, {
         "deliberations": len(result.deliberations), "fallbacks": result.fallbacks, "retries": result.retries,
-        "switched": len(result.switched), **deliberation_quality(result.deliberations)})
+        "switched": len(result.switched), "unfit": len(result.unfit), **deliberation_quality(result.deliberations)})

@@ -14,9 +14,11 @@ Validation: the writer's thought is kept only if it concludes at the answer (wha
 sentence names the answer after any other quoted action), repeats no sentence and no clause that quotes an
 action ('I will "look" and I will "look"'), names at least two distinct candidates in double quotes, and calls
 no candidate good that its evidence says hindered nor bad that its evidence says advanced (a sentence naming
-that candidate alone, with a praise or blame word not negated). Otherwise the writer tries once more under
-stricter instructions, and then the thought is written from the evidence: each candidate in quotes with what
-executing it showed, then the answer. So every stored deliberation passes the validator.
+that candidate alone, with a praise or blame word not negated), and fits with its action in the agent's reply
+budget. Otherwise the writer tries once more under stricter instructions, and then the thought is written from
+the evidence: each candidate in quotes with what executing it showed, then the answer, shortened until it fits.
+So every stored deliberation passes the validator, and the agent can say every one of them within its budget
+(a thought it cannot finish teaches it replies cut off before their action).
 
 Ablations: without `candidates` (no self-consistency sampling) every step
 deliberates over alternatives the writer invents itself; without `critiques` (no execution-guided
@@ -38,6 +40,7 @@ from dataclasses import dataclass, field
 from sand import prompts
 from sand.errors import SandError
 from sand.models.backends import Backend, SamplingParams
+from sand.react import assistant_turn
 from sand.sand_loop.actions import mentions, normalize
 from sand.sand_loop.critique import (
     VERDICTS,
@@ -59,6 +62,7 @@ _SENTENCE_END = re.compile(r"[.!?][\"”']?(?=\s|$)")
 _QUOTED = re.compile(r"\"([^\"\n]{1,300})\"")  # actions and quoted observations (pairs must stay aligned)
 _CLAUSE_BREAK = re.compile(r"[,;:]|\b(?:and|or|but|then)\b", re.IGNORECASE)
 _RANK = {"advanced": 2, "no effect": 1, "hindered": 0}
+_Fits = Callable[[str, str], bool]  # (thought, answer) -> whether the agent's reply holds them
 assert set(_RANK) == set(VERDICTS)
 
 
@@ -67,6 +71,7 @@ class Synthesis:
     deliberations: list[Deliberation]
     dataset: list[Trajectory]  # D_k
     switched: list[str] = field(default_factory=list)  # ids of trajectories changed by the expert switch
+    unfit: list[tuple[str, int]] = field(default_factory=list)  # (id, step): no deliberation fits the reply budget
 
     @property
     def fallbacks(self) -> int:
@@ -185,12 +190,14 @@ def _quote(observation: str, limit: int = 100) -> str:
     return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " (...)"
 
 
-def evidence_sentence(action: str, critique: Critique) -> str:
-    """What executing `action` showed, as the agent's foresight: one true sentence naming it in quotes."""
-    seen, later = _quote(critique.observation), critique.steps - 1
+def evidence_sentence(action: str, critique: Critique, quote: int = 100) -> str:
+    """What executing `action` showed, as the agent's foresight: one true sentence naming it in quotes, quoting
+    at most `quote` characters of the observation (0: none)."""
+    seen, later = _quote(critique.observation, quote), critique.steps - 1
     before, end = round(100 * critique.score_before), round(100 * critique.score_end)
     if not critique.valid:
-        return f'"{action}" is not possible here ("{seen}"), a wasted step.'
+        return f'"{action}" is not possible here ("{seen}"), a wasted step.' if quote else \
+            f'"{action}" is not possible here, a wasted step.'
     if critique.won:
         outcome = f"lead on to completing the task within {later} more steps"
     elif end > before:
@@ -201,7 +208,7 @@ def evidence_sentence(action: str, critique: Critique) -> str:
         outcome = f"let the episode end in failure within {later} more steps"
     else:
         outcome = "not move the task forward"
-    return f'"{action}" would show "{seen}" and {outcome}.'
+    return f'"{action}" would show "{seen}" and {outcome}.' if quote else f'"{action}" would {outcome}.'
 
 
 def _nearby_actions(job: _Job) -> list[str]:
@@ -217,27 +224,41 @@ def _nearby_actions(job: _Job) -> list[str]:
     return found
 
 
-def fallback_thought(job: _Job, invented: list[str]) -> str:
+def fallback_thought(job: _Job, invented: list[str], fits: _Fits = lambda thought, answer: True) -> str | None:
     """A deliberation written from what is known when the writer fails twice: with critiques, each candidate
     in quotes with what executing it showed; without, the candidates (or the alternatives the writer did name,
-    else other actions of the trajectory) and the answer."""
+    else other actions of the trajectory) and the answer.
+
+    The first form that `fits` the agent's reply: every candidate with the observations quoted, then shorter
+    quotes, then none, then fewer candidates, the shortest kept (the answer and one other are always named).
+    None when not even that fits."""
     env = job.trajectory.env
     answer = normalize(job.answer, env)
     critiques = {a: c for a, c in job.options if c is not None}
-    parts = [DELIBERATION_PREFIX]
     if critiques:
-        parts += [evidence_sentence(a, critiques[a]) if a in critiques else f'I could also "{a}".'
-                  for a, _ in job.options]
-        ranks = {a: _RANK[c.evidence] for a, c in critiques.items()}
-        if answer in ranks and all(ranks[answer] > r for a, r in ranks.items() if a != answer):
-            parts.append(f'Of these, "{answer}" does the most for the task.')
+        others = [a for a, _ in job.options if a != answer]
     else:
         others = [a for a in ([a for a, _ in job.options] or invented or _nearby_actions(job)) if a != answer][:4]
-        if others:
-            parts.append("I could " + " or ".join(f'"{a}"' for a in others) + ".")
-        parts.append(f'"{answer}" fits the task and what I see best.')
-    parts.append(f'So I will "{answer}".')
-    return " ".join(parts)
+    forms = [(quote, len(others)) for quote in (100, 40, 0)] + [(0, keep) for keep in range(len(others) - 1, 0, -1)]
+    for quote, keep in forms:
+        kept = sorted(others, key=len)[:keep]
+        parts = [DELIBERATION_PREFIX]
+        if critiques:
+            named = [a for a, _ in job.options if a == answer or a in kept]
+            parts += [evidence_sentence(a, critiques[a], quote) if a in critiques else f'I could also "{a}".'
+                      for a in named]
+            ranks = {a: _RANK[c.evidence] for a, c in critiques.items() if a in named}
+            if answer in ranks and all(ranks[answer] > r for a, r in ranks.items() if a != answer):
+                parts.append(f'Of these, "{answer}" does the most for the task.')
+        else:
+            if kept:
+                parts.append("I could " + " or ".join(f'"{a}"' for a in kept) + ".")
+            parts.append(f'"{answer}" fits the task and what I see best.')
+        parts.append(f'So I will "{answer}".')
+        thought = " ".join(parts)
+        if fits(thought, job.answer):
+            return thought
+    return None
 
 
 def _order(trajectory_id: str, step: int, actions: list[str]) -> list[str]:
@@ -280,29 +301,35 @@ def _switch_points(by_id: dict[str, Trajectory], uncertain: list[StepCandidates]
 
 
 def _write(writer: Backend, jobs: list[_Job], todo: list[int], mode: str, params: SamplingParams,
-           history_steps: int, strict: bool) -> dict[int, tuple[str | None, str | None, str]]:
+           history_steps: int, strict: bool, fits: _Fits) -> dict[int, tuple[str | None, str | None, str]]:
     """Job index -> (the valid thought or None, why it was rejected, the writer's reply), in one generate call."""
     replies = writer.generate([_prompt(writer, jobs[i], mode, history_steps, strict) for i in todo], params)
     out = {}
     for i, [reply] in zip(todo, replies):
         job, text = jobs[i], f"{DELIBERATION_PREFIX} {reply.text.strip()}"
-        out[i] = (*check(text, job.answer, job.names, job.trajectory.env, job.evidence), text)
+        valid, rejection = check(text, job.answer, job.names, job.trajectory.env, job.evidence)
+        if valid is not None and not fits(valid, job.answer):
+            valid, rejection = None, "does not fit the agent's reply budget"
+        out[i] = (valid, rejection, text)
     return out
 
 
 def _deliberate(writer: Backend, jobs: list[_Job], todo: list[int], mode: str, params: SamplingParams,
-                history_steps: int) -> list[Deliberation]:
+                history_steps: int, fits: _Fits) -> tuple[list[Deliberation], list[int]]:
     """The deliberations of jobs `todo`: the writer's thought, retried once under stricter instructions, else
-    the fallback written from the evidence."""
-    first = _write(writer, jobs, todo, mode, params, history_steps, strict=False)
+    the fallback written from the evidence; and the jobs where not even the shortest fallback fits."""
+    first = _write(writer, jobs, todo, mode, params, history_steps, False, fits)
     failed = [i for i in todo if first[i][0] is None]
-    retry = _write(writer, jobs, failed, mode, params, history_steps, strict=True) if failed else {}
-    made = []
+    retry = _write(writer, jobs, failed, mode, params, history_steps, True, fits) if failed else {}
+    made, unfit = [], []
     for i in todo:
         job = jobs[i]
         env, answer = job.trajectory.env, normalize(job.answer, job.trajectory.env)
         valid, rejection, reply = retry.get(i, first[i])
-        thought = valid or fallback_thought(job, quoted_actions(reply, env))
+        thought = valid or fallback_thought(job, quoted_actions(reply, env), fits)
+        if thought is None:
+            unfit.append(i)
+            continue
         weighed = job.names or [answer] + [a for a in quoted_actions(thought, env) if a != answer]
         repeated = any(repeats_itself(attempts[i][2]) for attempts in (first, retry) if i in attempts)
         made.append(Deliberation(
@@ -310,15 +337,22 @@ def _deliberate(writer: Backend, jobs: list[_Job], todo: list[int], mode: str, p
             mode=mode, rejection=rejection, repeated=repeated,
             named=len(named_candidates(thought, job.names, env)),
             valid=validate(thought, job.answer, job.names, env, job.evidence) == thought))
-    return made
+    return made, unfit
 
 
 def synthesize(writer: Backend, trajectories: list[Trajectory], candidates: list[StepCandidates] | None,
                critiques: list[Critique] | None = None, rollouts: list[Rollout] | None = None,
                expert_switch: bool = False, batch_size: int = 64, max_new_tokens: int = 192,
                history_steps: int = 5, done: dict[tuple[str, int], Deliberation] | None = None,
-               on_result: Callable[[list[Deliberation]], None] | None = None) -> Synthesis:
+               on_result: Callable[[list[Deliberation]], None] | None = None, reply_tokens: int | None = None,
+               count_tokens: Callable[[str], int] | None = None) -> Synthesis:
     """Deliberation thoughts for the uncertain steps and the dataset D_k.
+
+    `reply_tokens`: the agent's reply budget (evaluation's `max_new_tokens`). Every thought, with the action
+    line after it, fits in it as `count_tokens` (the agent's tokenizer; default the writer's) counts: a longer
+    one would teach the agent replies that are cut off before their action. A step where not even the shortest
+    fallback fits (candidates as long as the budget) is not deliberated: it keeps its thought, and
+    `Synthesis.unfit` names it. None: no limit.
 
     Steps in `done` ((trajectory id, step) -> its deliberation, from an interrupted run) are not written again;
     each batch of `batch_size` new deliberations goes to `on_result` as soon as it is written.
@@ -347,16 +381,23 @@ def synthesize(writer: Backend, trajectories: list[Trajectory], candidates: list
             jobs.append(_Job(t, c.step, answer, [(a, by_key.get(candidate_key(t, c.step, a)))
                                                 for a in _order(t.id, c.step, c.candidates)]))
     params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, stop=_STOP)
+    count = count_tokens or writer.count_tokens
+
+    def fits(thought: str, answer: str) -> bool:  # one token left for the end of the reply
+        return reply_tokens is None or count(assistant_turn(Step(thought, answer, ""))) < reply_tokens
+
     done = done or {}
     todo = [i for i, job in enumerate(jobs) if (job.trajectory.id, job.step) not in done]
-    made = {}
+    made, unfit = {}, []
     for start in range(0, len(todo), batch_size):
-        batch = _deliberate(writer, jobs, todo[start:start + batch_size], mode, params, history_steps)
+        batch, skipped = _deliberate(writer, jobs, todo[start:start + batch_size], mode, params, history_steps, fits)
         made.update({(d.trajectory_id, d.step): d for d in batch})
+        unfit += [(jobs[i].trajectory.id, jobs[i].step) for i in skipped]
         if on_result:
             on_result(batch)
-    deliberations = [made.get(key) or done[key] for key in ((job.trajectory.id, job.step) for job in jobs)]
-    return Synthesis(deliberations, build_dataset(trajectories, deliberations, switches), sorted(switches))
+    keys = [(job.trajectory.id, job.step) for job in jobs]
+    deliberations = [made.get(key) or done[key] for key in keys if key in made or key in done]
+    return Synthesis(deliberations, build_dataset(trajectories, deliberations, switches), sorted(switches), unfit)
 
 
 def build_dataset(trajectories: list[Trajectory], deliberations: list[Deliberation],

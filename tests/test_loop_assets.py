@@ -40,7 +40,8 @@ def test_one_sand_iteration_end_to_end(sand_home):
         # samples disagree with the expert at some steps.
         train=TrainConfig(lora=False, learning_rate=3e-3, max_steps=40, per_device_batch_size=2,
                           gradient_accumulation_steps=1, max_length=1024, history_steps=4),
-        evaluation=EvalConfig(pool_size=2, max_new_tokens=16, envs={
+        # 128: a reply budget that holds a deliberation naming two candidates (every thought must fit in it).
+        evaluation=EvalConfig(pool_size=2, max_new_tokens=128, envs={
             "alfworld": EnvEval(splits=["valid_seen"], tasks_per_split=1, max_steps=3)}),
         sand=SandConfig(iterations=1, n_samples=2, rollout_max_steps=2))
     expert = [alfworld_training_games, alfworld_source_trajectories, sciworld_source_trajectories,
@@ -83,7 +84,10 @@ def test_one_sand_iteration_end_to_end(sand_home):
         critiques = store.sql("select count(*) from critiques where dataset = 'tiny/iter_1'").item()
         assert rollouts == critiques > 0
         deliberations = store.sql("select count(*) from deliberations where dataset = 'tiny/iter_1'").item()
-        assert deliberations == steps["u"]
+        # Steps whose candidates are too long for any deliberation within the budget keep their thought.
+        [synthesis] = [m.materialization for m in result.get_asset_materialization_events()
+                       if m.asset_key.to_user_string() == "tiny/iter_1/deliberations"]
+        assert 0 < deliberations == steps["u"] - synthesis.metadata["unfit"].value
         d1 = store.sql("select count(*) from steps where dataset = 'tiny/iter_1' "
                        "and thought like 'Let me weigh my options:%'").item()
         assert d1 == deliberations

@@ -109,7 +109,8 @@ def test_sand_iteration_deliberates_over_imported_data(imported, home):
         name="imported", base_model=str(tiny_model()), train_data={"alfworld": None, "sciworld": None},
         train=TrainConfig(lora=False, max_steps=2, per_device_batch_size=2, gradient_accumulation_steps=1,
                           max_length=1024, history_steps=4),
-        evaluation=EvalConfig(pool_size=2, max_new_tokens=16, envs={
+        # The agent's reply budget must hold a deliberation naming two candidates (nothing is evaluated here).
+        evaluation=EvalConfig(pool_size=2, max_new_tokens=128, envs={
             "alfworld": EnvEval(splits=["valid_seen"], tasks_per_split=1, max_steps=3)}),
         sand=SandConfig(iterations=1, self_consistency=False, writer_max_new_tokens=16))
     model, loop = build_model_assets(exp), build_loop_assets(exp)

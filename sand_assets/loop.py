@@ -94,13 +94,17 @@ def _iteration(exp: Experiment, k: int, data_key: AssetKey, checkpoint_key: Asse
                      AssetCheckSpec("fallback_rate", asset=keys["deliberations"],
                                     description=f"Warns when more than {stages.FALLBACK_WARNING_RATE:.0%} of the "
                                                 "deliberations are fallbacks (the writer's thought failed "
-                                                "validation twice).")])
+                                                "validation twice), or when an uncertain step has no "
+                                                "deliberation that fits the agent's reply budget.")])
     def deliberation_dataset(context: AssetExecutionContext, store: StoreResource, compute: ComputeResource):
         result = stages.synthesize(exp, store.store(), k, backends(exp, compute), lineage_of(context, synthesis_keys),
                                    code["synthesis"], context.log.info)
         n, fallbacks = result.counts["deliberations"], result.counts["fallbacks"]
         rate = fallbacks / n if n else 0.0
         too_many = [f"{fallbacks} of {n} deliberations are fallbacks"] if rate > stages.FALLBACK_WARNING_RATE else []
+        if result.counts["unfit"]:
+            too_many.append(f"{result.counts['unfit']} uncertain steps keep their thought: no deliberation fits the "
+                            f"agent's reply budget (evaluation.max_new_tokens)")
         review = deliberation_review(store.store(), stages.iteration_dataset(exp, k),
                                      stages.iteration_dataset(exp, k - 1))
         yield dataset_result(result.written["deliberations"], keys["deliberations"], checks=(

@@ -40,8 +40,9 @@ def test_one_sand_iteration_end_to_end(sand_home):
         # samples disagree with the expert at some steps.
         train=TrainConfig(lora=False, learning_rate=3e-3, max_steps=40, per_device_batch_size=2,
                           gradient_accumulation_steps=1, max_length=1024, history_steps=4),
-        # 128: a reply budget that holds a deliberation naming two candidates (every thought must fit in it).
-        evaluation=EvalConfig(pool_size=2, max_new_tokens=128, envs={
+        # 256: a reply budget that holds a deliberation naming two of the tiny agent's candidates (sampled with
+        # up to 96 tokens each); every thought must fit in it.
+        evaluation=EvalConfig(pool_size=2, max_new_tokens=256, envs={
             "alfworld": EnvEval(splits=["valid_seen"], tasks_per_split=1, max_steps=3)}),
         sand=SandConfig(iterations=1, n_samples=2, rollout_max_steps=2))
     expert = [alfworld_training_games, alfworld_source_trajectories, sciworld_source_trajectories,

@@ -224,7 +224,7 @@ def _nearby_actions(job: _Job) -> list[str]:
     return found
 
 
-def fallback_thought(job: _Job, invented: list[str], fits: _Fits = lambda thought, answer: True) -> str | None:
+def fallback_thought(job: _Job, invented: list[str], fits: _Fits) -> str | None:
     """A deliberation written from what is known when the writer fails twice: with critiques, each candidate
     in quotes with what executing it showed; without, the candidates (or the alternatives the writer did name,
     else other actions of the trajectory) and the answer.
@@ -240,8 +240,9 @@ def fallback_thought(job: _Job, invented: list[str], fits: _Fits = lambda though
     else:
         others = [a for a in ([a for a, _ in job.options] or invented or _nearby_actions(job)) if a != answer][:4]
     forms = [(quote, len(others)) for quote in (100, 40, 0)] + [(0, keep) for keep in range(len(others) - 1, 0, -1)]
+    shortest_first = sorted(others, key=len)
     for quote, keep in forms:
-        kept = sorted(others, key=len)[:keep]
+        kept = shortest_first[:keep]
         parts = [DELIBERATION_PREFIX]
         if critiques:
             named = [a for a, _ in job.options if a == answer or a in kept]

@@ -2,9 +2,11 @@
 
 Each run sends `batch` distinct prompts of ~300 tokens (ALFWorld-like rooms) in one `generate` call and asks for
 64 new tokens each, greedy (temperature 0) and sampling (temperature 1, top_p 0.95). Throughput counts the
-completion tokens returned (sampling may end early on EOS) over wall time, prefill included.
+completion tokens returned (sampling may end early on EOS) over wall time, prefill included. Each backend runs in
+each of --dtypes, side by side; the machine's own choice (sand.machine) is marked, and the first line names the
+machine (CPU, vector units, whether bf16 is native).
 
-    python benchmarks/generation.py [--backends transformers,vllm,openai] [--url http://127.0.0.1:8000]
+    python benchmarks/generation.py [--backends transformers,vllm,openai] [--dtypes float32,bfloat16]
 
 (from the repository root, with the project installed: scripts/setup.sh, or PYTHONPATH=.)
 """
@@ -17,6 +19,7 @@ import time
 
 import torch
 
+from sand.machine import machine_dtype, machine_line
 from sand.models import SamplingParams, make_backend, resolve_model
 
 RECEPTACLES = ["cabinet", "drawer", "countertop", "shelf", "fridge", "microwave", "sinkbasin", "stoveburner",
@@ -51,6 +54,7 @@ def main() -> None:
     parser.add_argument("--backends", default="transformers,vllm")
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="server for the openai backend")
     parser.add_argument("--batches", default="1,8,32")
+    parser.add_argument("--dtypes", default="float32,bfloat16", help="each backend runs in each (openai: ignored)")
     parser.add_argument("--new-tokens", type=int, default=64)
     # One thread by default: on shared cores a multi-threaded torch step stalls whenever another process runs.
     parser.add_argument("--threads", type=int, default=1, help="torch threads for the transformers backend")
@@ -61,23 +65,29 @@ def main() -> None:
     options = {"transformers": {"model_path": model, "batch_size": max(batches)},
                "vllm": {"model_path": model, "max_model_len": 2048},
                "openai": {"base_urls": [args.url], "model": str(model), "tokenizer": model}}
-    print(f"model {model.name}, {args.threads} torch threads, load average {os.getloadavg()[0]:.1f}")
-    print(f"{'backend':<13}{'mode':<10}{'batch':>6}{'prompt tok':>11}{'new tok':>9}{'seconds':>9}{'tok/s':>8}")
+    print(machine_line())
+    print(f"model {model.name}, {args.threads} torch threads, load average {os.getloadavg()[0]:.1f}; "
+          f"* = this machine's default dtype ({machine_dtype()})")
+    print(f"{'backend':<13}{'dtype':<11}{'mode':<10}{'batch':>6}{'prompt tok':>11}{'new tok':>9}{'seconds':>9}"
+          f"{'tok/s':>8}")
     for kind in args.backends.split(","):
-        with make_backend(kind, **options[kind]) as backend:
-            texts = prompts(backend, max(batches))
-            backend.generate(texts[:2], SamplingParams(max_new_tokens=4))  # warm-up: first-call overheads
-            for mode, temperature in (("greedy", 0.0), ("sampling", 1.0)):
-                params = SamplingParams(temperature=temperature, top_p=0.95 if temperature else 1.0,
-                                        max_new_tokens=args.new_tokens, seed=0)
-                for batch in batches:
-                    started = time.perf_counter()
-                    results = backend.generate(texts[:batch], params)
-                    seconds = time.perf_counter() - started
-                    new = sum(c.completion_tokens for r in results for c in r)
-                    prompt_tokens = sum(r[0].prompt_tokens for r in results) // batch
-                    print(f"{kind:<13}{mode:<10}{batch:>6}{prompt_tokens:>11}{new:>9}{seconds:>9.2f}"
-                          f"{new / seconds:>8.1f}", flush=True)
+        for dtype in args.dtypes.split(",") if kind != "openai" else ["server"]:
+            extra = {"dtype": dtype} if kind != "openai" else {}
+            mark = "*" if dtype == machine_dtype() else ""
+            with make_backend(kind, **options[kind], **extra) as backend:
+                texts = prompts(backend, max(batches))
+                backend.generate(texts[:2], SamplingParams(max_new_tokens=4))  # warm-up: first-call overheads
+                for mode, temperature in (("greedy", 0.0), ("sampling", 1.0)):
+                    params = SamplingParams(temperature=temperature, top_p=0.95 if temperature else 1.0,
+                                            max_new_tokens=args.new_tokens, seed=0)
+                    for batch in batches:
+                        started = time.perf_counter()
+                        results = backend.generate(texts[:batch], params)
+                        seconds = time.perf_counter() - started
+                        new = sum(c.completion_tokens for r in results for c in r)
+                        prompt_tokens = sum(r[0].prompt_tokens for r in results) // batch
+                        print(f"{kind:<13}{dtype + mark:<11}{mode:<10}{batch:>6}{prompt_tokens:>11}{new:>9}"
+                              f"{seconds:>9.2f}{new / seconds:>8.1f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from sand.envs.sciworld import ScienceWorldEnv
+from sand.machine import machine_dtype, machine_line
 from sand.models import SamplingParams, make_backend, resolve_model
 from sand.models.registry import merged_model
 from sand.react import parse_reply
@@ -168,7 +169,7 @@ def forget_prefixes(backend) -> None:
 def bench_backend(kind: str, model, tasks, args) -> None:
     params = SamplingParams(max_new_tokens=args.new_tokens)
     options = {"transformers": {"model_path": model, "batch_size": args.pool, "dtype": args.dtype},
-               "vllm": {"model_path": model, "max_model_len": 4096, "enable_lora": False,
+               "vllm": {"model_path": model, "max_model_len": 4096, "enable_lora": False, "dtype": args.dtype,
                         **({"block_size": args.block_size} if args.block_size else {})}}[kind]
     cap = args.transformers_cap if kind == "transformers" else None
     first = tasks[:min(args.sequential, cap or args.sequential)]
@@ -225,7 +226,7 @@ def main() -> None:
     parser.add_argument("--pool", type=int, default=16, help="most environments (JVMs) alive")
     parser.add_argument("--block-size", type=int, help="vLLM KV cache block size (the prefix cache's unit; "
                         "CPU default 128)")
-    parser.add_argument("--dtype", default="auto", help="transformers weights dtype (auto: the checkpoint's bf16)")
+    parser.add_argument("--dtype", default=machine_dtype(), help="both backends' dtype (default: this machine's)")
     parser.add_argument("--adapter", help="LoRA checkpoint folder of the default model to run as the agent "
                         "(merged into the weights once); default: the prompted base model")
     parser.add_argument("--home", help="SAND_HOME (converted model cache); default: $SAND_HOME or a temp dir")
@@ -235,12 +236,14 @@ def main() -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GB of KV cache (and prefix cache) for vLLM on CPU
     os.environ["SAND_HOME"] = args.home or os.environ.get("SAND_HOME") or tempfile.mkdtemp(prefix="sand-bench-")
     torch.set_num_threads(1)  # shared cores: a multi-threaded torch step stalls whenever another process runs
-    model = merged_model("smollm2-135m", args.adapter) if args.adapter else resolve_model("smollm2-135m")
+    model = merged_model("smollm2-135m", args.adapter, args.dtype) if args.adapter else resolve_model("smollm2-135m")
     with ScienceWorldEnv(jvm_heap_mb=JVM_HEAP_MB) as lister:
         tasks = spread_tasks(lister.tasks("dev"), max(args.episodes + [args.sequential]))
     agent = f"{model.name} (adapter {args.adapter})" if args.adapter else model.name
-    print(f"model {agent}; {len(tasks)} ScienceWorld dev variations over {len({t.task for t in tasks})} task "
-          f"types; {args.steps} steps, history {args.history}, {args.new_tokens} new tokens, greedy; pool {args.pool}")
+    print(machine_line())
+    print(f"model {agent}, {args.dtype}; {len(tasks)} ScienceWorld dev variations over "
+          f"{len({t.task for t in tasks})} task types; {args.steps} steps, history {args.history}, "
+          f"{args.new_tokens} new tokens, greedy; pool {args.pool}")
     print(LEGEND)
     for kind in args.backends.split(","):
         bench_backend(kind, model, tasks, args)

@@ -217,15 +217,16 @@ def test_transformers_evicts_least_recently_used_adapters(models):
 
 def test_a_merged_adapter_generates_what_the_adapter_does(models, sand_home, tmp_path):
     model, (first, _) = models
-    merged = merged_model(model, first)
-    assert merged_model(model, first) == merged  # built once
+    merged = merged_model(model, first, "float32")
+    assert merged_model(model, first, "float32") == merged  # built once
+    assert merged_model(model, first, "bfloat16") != merged  # saved in the dtype it is served in
     with make_backend("transformers", model_path=model, dtype="float32") as engine:
         prompts = [engine.render(m) for m in MESSAGES]
         with_adapter = greedy(engine, prompts, adapter=first)
     assert with_adapter != greedy_on(model, prompts)  # the adapter matters
     assert greedy_on(merged, prompts) == with_adapter
     with pytest.raises(SandError, match="not a LoRA adapter"):
-        merged_model(model, tmp_path)
+        merged_model(model, tmp_path, "float32")
 
 
 def greedy_on(model, prompts):

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sand.experiment import Experiment
+from sand.machine import native_bf16
 from sand.models.registry import model_hash, resolve_model
 from sand.store import DatasetRef, Store
 from sand.training.sft import TrainSpec
@@ -40,6 +41,9 @@ def plan_training(exp: Experiment, store: Store, iteration: int, data: DatasetRe
     base_hash = model_hash(base)
     epochs = exp.train.epochs_of(iteration)
     train = exp.train.model_dump(exclude={"epochs", "iteration_epochs", "launcher"})
+    # The precision it trains in, as this machine chooses it where the experiment does not: bf16 and fp32 training
+    # make different weights, so they are different checkpoints.
+    train["bf16"] = native_bf16() if train["bf16"] is None else train["bf16"]
     # pi_{k-1}'s folder as SAND_HOME-relative: a moved or copied home finds the same plan trained.
     start = store.relative(init) if init else None
     identity = json.dumps({"base": base_hash, "data": data.version, "init": start, "epochs": epochs, "train": train,

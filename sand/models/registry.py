@@ -115,23 +115,28 @@ def _build_atomically(target: Path, build) -> Path:
     return target
 
 
-def merged_model(base: str | Path, adapter: str | Path) -> Path:
-    """`base` with the LoRA adapter folder `adapter` folded into its weights: a plain model folder, built once
-    (cached by the adapter's folder and weights' mtime, so a retrained adapter gets a new one).
+def merged_model(base: str | Path, adapter: str | Path, dtype: str) -> Path:
+    """`base` with the LoRA adapter folder `adapter` folded into its weights, saved in `dtype` (the dtype it will
+    be served in: the merge runs in fp32, so an fp32 model keeps all of the adapter's small update): a plain model
+    folder, built once (cached by the adapter's folder, weights' mtime and dtype, so a retrained adapter gets a new
+    one).
 
     For engines whose LoRA path is slow (sand.models.backends.serves_adapters_merged)."""
     adapter = Path(adapter).resolve()
     weights = adapter / "adapter_model.safetensors"
     if not weights.is_file():
         raise SandError(f"{adapter}: not a LoRA adapter folder (no adapter_model.safetensors)")
-    key = hashlib.sha256(f"{adapter}@{weights.stat().st_mtime_ns}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{adapter}@{weights.stat().st_mtime_ns}@{dtype}".encode()).hexdigest()[:16]
 
     def merge(folder: Path) -> None:
+        import torch
         from peft import PeftModel
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        model = AutoModelForCausalLM.from_pretrained(resolve_model(base), dtype="auto")
-        PeftModel.from_pretrained(model, str(adapter)).merge_and_unload().save_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(resolve_model(base), dtype=torch.float32)
+        merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+        saved = json.loads((resolve_model(base) / "config.json").read_text()).get("dtype") if dtype == "auto" else dtype
+        merged.to(getattr(torch, saved or "float32")).save_pretrained(folder)
         AutoTokenizer.from_pretrained(resolve_model(base)).save_pretrained(folder)
 
     return _build_atomically(cache_dir("models", "merged") / key, merge)
@@ -146,9 +151,8 @@ def _converted_default() -> Path:
         tokenizer = _smollm2_tokenizer()
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         model.hf_quantizer.remove_quantization_config(model)  # otherwise save_pretrained refuses a "GGUF" model
-        # bf16: the source is 4-bit, so bf16 loses nothing that matters; it halves disk and memory (260 vs 517 MB)
-        # and is the faster dtype on GPUs and on CPUs with avx512_bf16/AMX (2.3x at batch 8 here). Pass
-        # dtype=torch.float32 when loading on older CPUs without bf16 units.
+        # bf16: the source is 4-bit, so bf16 loses nothing that matters; it halves disk and memory (260 vs 517 MB).
+        # Backends and training load it in the machine's dtype (sand.machine), fp32 where bf16 is emulated.
         model.to(torch.bfloat16).save_pretrained(folder)
         tokenizer.save_pretrained(folder)
 

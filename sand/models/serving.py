@@ -11,6 +11,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from sand.experiment import BackendConfig, Experiment
+from sand.machine import machine_dtype
 from sand.models.backends import Backend, make_backend, serves_adapters_merged
 from sand.models.registry import merged_model, model_hash, resolve_model
 from sand.store import DatasetRef, Store
@@ -18,19 +19,29 @@ from sand.store import DatasetRef, Store
 BackendFactory = Callable[[str | None, BackendConfig | None], Backend]
 
 
+def backend_settings(backend: BackendConfig) -> dict:
+    """The backend's settings as they run on this machine: its options with the dtype filled in where the experiment
+    names none (sand.machine; a server chooses its own). Work keys use these, so bf16 results are never reused as
+    fp32 ones, and stages record them."""
+    options = dict(backend.options)
+    if backend.kind != "openai":
+        options.setdefault("dtype", machine_dtype())
+    return {"kind": backend.kind, "options": options}
+
+
 def backend_factory(exp: Experiment, device: str | None = None) -> BackendFactory:
     """Backends on a model (None: the base model) with backend settings (None: the experiment's); `device`
     places transformers models."""
 
     def make(model: str | None = None, backend: BackendConfig | None = None) -> Backend:
-        backend = backend or exp.backend
-        options = dict(backend.options)
-        if backend.kind == "openai":
+        settings = backend_settings(backend or exp.backend)
+        kind, options = settings["kind"], settings["options"]
+        if kind == "openai":
             options.setdefault("model", model or exp.base_model)
             return make_backend("openai", **options)
-        if backend.kind == "transformers" and device:
+        if kind == "transformers" and device:
             options.setdefault("device", device)
-        return make_backend(backend.kind, model_path=resolve_model(model or exp.base_model), **options)
+        return make_backend(kind, model_path=resolve_model(model or exp.base_model), **options)
 
     return make
 
@@ -77,7 +88,8 @@ def agent_backend(exp: Experiment, store: Store, checkpoint: DatasetRef | None,
     row = store.read("checkpoints", checkpoint.dataset, checkpoint.version).row(0, named=True)
     path = str(store.resolve(row["path"]))
     if row["lora"] and serves_adapters_merged(exp.backend.kind):
-        with backends(str(merged_model(exp.base_model, path)), None) as backend:
+        dtype = backend_settings(exp.backend)["options"]["dtype"]
+        with backends(str(merged_model(exp.base_model, path, dtype)), None) as backend:
             yield backend, None
         return
     with backends(None if row["lora"] else path, None) as backend:

@@ -34,7 +34,7 @@ class Envs:
 @dataclass
 class StageResult:
     written: dict[str, WriteResult]  # table -> the dataset version written
-    counts: dict[str, int | float] = field(default_factory=dict)  # what the stage reports
+    counts: dict[str, int | float | str | None] = field(default_factory=dict)  # what the stage reports
 
 
 @dataclass

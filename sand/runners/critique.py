@@ -7,6 +7,7 @@ from sand.models.serving import (
     BackendFactory,
     agent_backend,
     agent_identity,
+    backend_settings,
     critic_backend,
     critic_identity,
     critic_model,
@@ -53,8 +54,9 @@ def critique(exp: Experiment, store: Store, k: int, backends: BackendFactory, en
     if s.critique and s.self_consistency:
         critic_id = critic_identity(exp)
         work = work_dir(store, "critiques", code, candidates=candidates_ref.version, data=data.version,
-                        critic=critic_id, agent=agent_identity(exp, checkpoint_path), backend=exp.backend.model_dump(),
-                        critic_backend=s.critic_backend.model_dump() if s.critic_backend else None,
+                        critic=critic_id, agent=agent_identity(exp, checkpoint_path),
+                        backend=backend_settings(exp.backend),
+                        critic_backend=backend_settings(s.critic_backend) if s.critic_backend else None,
                         temperature=s.temperature, seed=s.seed, rollout_max_steps=s.rollout_max_steps,
                         critic_max_new_tokens=s.critic_max_new_tokens, max_new_tokens=exp.evaluation.max_new_tokens,
                         history=exp.train.history_steps, envs=envs.settings)
@@ -90,8 +92,10 @@ def critique(exp: Experiment, store: Store, k: int, backends: BackendFactory, en
                                    stage_lineage(lineage_of, "rollouts", k, inputs))
     df = critiques_frame(critiques)
     written = store.write("critiques", name, df, stage_lineage(
-        lineage_of, "critiques", k, [*inputs, rollouts_written.ref], critic=critic_model(exp)))
+        lineage_of, "critiques", k, [*inputs, rollouts_written.ref], critic=critic_model(exp),
+        backend=backend_settings(s.critic_backend or exp.backend)))
     verdicts = dict(df.group_by("verdict").len().iter_rows()) if df.height else {}
     return StageResult({"rollouts": rollouts_written, "critiques": written}, {
+        "dtype": backend_settings(s.critic_backend or exp.backend)["options"].get("dtype"),
         "rollouts": len(rollouts), "critiques": df.height, **critique_quality(critiques),
         **{f"verdict/{v}": n for v, n in verdicts.items()}})

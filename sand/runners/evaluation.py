@@ -8,6 +8,7 @@ from sand.models.serving import (
     BackendFactory,
     agent_backend,
     agent_identity,
+    backend_settings,
 )
 from sand.preflight import check_experiment
 from sand.report import record_uncertainty
@@ -36,7 +37,7 @@ def evaluate_agent(exp: Experiment, store: Store, agent: str, iteration: int | N
     from sand.evaluation import evaluate
 
     checkpoint_ref, path = checkpoint(store, exp, iteration) if iteration is not None else (None, None)
-    work = work_dir(store, "evaluation", code, agent=agent_identity(exp, path), backend=exp.backend.model_dump(),
+    work = work_dir(store, "evaluation", code, agent=agent_identity(exp, path), backend=backend_settings(exp.backend),
                     settings=exp.evaluation.model_dump(), envs=envs.settings)
     rows, planned = [], []
     with agent_backend(exp, store, checkpoint_ref, backends) as (backend, adapter):
@@ -57,10 +58,12 @@ def evaluate_agent(exp: Experiment, store: Store, agent: str, iteration: int | N
                       "checkpoint": checkpoint_ref.version if checkpoint_ref else None} for r in records]
     written = store.write("evaluations", f"{exp.name}/{agent}", pl.DataFrame(rows, schema_overrides={
         "transcript": TRANSCRIPT}), stage_lineage(lineage_of, "evaluations", iteration,
-                                                   [checkpoint_ref] if checkpoint_ref else [], agent=agent))
+                                                   [checkpoint_ref] if checkpoint_ref else [], agent=agent,
+                                                   backend=backend_settings(exp.backend)))
     # Intervals and paired comparisons with the other agents, stored for the catalog; numeric metadata per split.
     metadata = record_uncertainty(store, exp.name, agent, stage_lineage(
         lineage_of, "evaluation_intervals", iteration, [written.ref], agent=agent))
+    metadata["dtype"] = backend_settings(exp.backend)["options"].get("dtype")
     return EvaluationResult({"evaluations": written}, metadata, planned=planned)
 
 

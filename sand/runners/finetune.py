@@ -40,10 +40,10 @@ def finetune(exp: Experiment, store: Store, k: int, lineage_of: LineageOf,
     log(f"training {plan.output} on {data.dataset}@{data.version}")
     metrics = train(plan)
     lineage = stage_lineage(lineage_of, "checkpoints", k, [data], checkpoint=str(plan.output),
-                            base_model_hash=plan.base_model_hash)
+                            base_model_hash=plan.base_model_hash, bf16=plan.spec.bf16)
     row = checkpoint_row(exp, plan, lineage.asset, k, metrics)
     written = store.write("checkpoints", checkpoint_dataset(exp, k), pl.DataFrame([row]), lineage)
     return StageResult({"checkpoints": written}, {
         "examples": metrics["examples"], "train_steps": metrics["steps"], "final_loss": metrics["final_loss"],
         "seconds": metrics["seconds"], "tokens_per_second": metrics["tokens_per_second"],
-        "resumed": metrics.get("resumed", False)})
+        "resumed": metrics.get("resumed", False), "dtype": "bfloat16" if plan.spec.bf16 else "float32"})

@@ -6,6 +6,7 @@ from sand.models.serving import (
     BackendFactory,
     agent_backend,
     agent_identity,
+    backend_settings,
 )
 from sand.preflight import check_experiment
 from sand.runners.common import (
@@ -39,7 +40,7 @@ def sample(exp: Experiment, store: Store, k: int, backends: BackendFactory, line
     if s.self_consistency:
         work = WorkLog(work_dir(store, "candidates", code, data=data.version,
                                 share=s.trajectories if k == 1 else None,
-                                agent=agent_identity(exp, checkpoint_path), backend=exp.backend.model_dump(),
+                                agent=agent_identity(exp, checkpoint_path), backend=backend_settings(exp.backend),
                                 n=s.n_samples, temperature=s.temperature, seed=s.seed,
                                 history=exp.train.history_steps))
         items = candidates_from_frame(work.frame()) if work.exists() else []
@@ -57,8 +58,9 @@ def sample(exp: Experiment, store: Store, k: int, backends: BackendFactory, line
                                        exp.train.history_steps, seed=s.seed, done=done, on_result=persist)
     df = candidates_frame(items)
     written = store.write("candidates", iteration_dataset(exp, k), df,
-                          stage_lineage(lineage_of, "candidates", k, [data, checkpoint_ref]))
+                          stage_lineage(lineage_of, "candidates", k, [data, checkpoint_ref],
+                                        backend=backend_settings(exp.backend)))
     uncertain = int(df["uncertain"].sum())
     log(f"{df.height} steps sampled, {uncertain} uncertain")
-    return StageResult({"candidates": written}, {
+    return StageResult({"candidates": written}, {"dtype": backend_settings(exp.backend)["options"].get("dtype"),
         "uncertain_steps": uncertain, "uncertain_rate": round(uncertain / df.height, 3) if df.height else 0.0})

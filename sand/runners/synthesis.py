@@ -5,6 +5,7 @@ from sand.experiment import Experiment
 from sand.models.serving import (
     BackendFactory,
     agent_token_counter,
+    backend_settings,
     critic_backend,
     critic_identity,
     critic_model,
@@ -49,8 +50,8 @@ def synthesize(exp: Experiment, store: Store, k: int, backends: BackendFactory, 
     rollouts = rollouts_from_frame(store.read("rollouts", name)) if critiques is not None else None
     work = WorkLog(work_dir(store, "deliberations", code, data=data.version,
                             **{t: ref.version if ref else None for t, ref in refs.items()},
-                            writer=critic_identity(exp), backend=exp.backend.model_dump(),
-                            critic_backend=s.critic_backend.model_dump() if s.critic_backend else None,
+                            writer=critic_identity(exp), backend=backend_settings(exp.backend),
+                            critic_backend=backend_settings(s.critic_backend) if s.critic_backend else None,
                             self_consistency=s.self_consistency, critique=s.critique, expert_switch=s.expert_switch,
                             writer_max_new_tokens=s.writer_max_new_tokens,
                             reply_tokens=exp.evaluation.max_new_tokens, agent_model=exp.base_model))
@@ -70,7 +71,8 @@ def synthesize(exp: Experiment, store: Store, k: int, backends: BackendFactory, 
                                           count_tokens=agent_token_counter(exp, writer))
     inputs = [data, *refs.values()]
     deliberations = store.write("deliberations", name, deliberations_frame(result.deliberations),
-                                stage_lineage(lineage_of, "deliberations", k, inputs))
+                                stage_lineage(lineage_of, "deliberations", k, inputs,
+                                              backend=backend_settings(s.critic_backend or exp.backend)))
     made = {t.id: d for t, d in zip(trajectories, result.dataset, strict=True)}
     dk = to_frame([made.get(t.id, t) for t in previous])  # D_{k-1}'s order; the rest carried unchanged
     written = store.write("trajectories", name, dk, stage_lineage(
@@ -80,5 +82,6 @@ def synthesize(exp: Experiment, store: Store, k: int, backends: BackendFactory, 
         log(f"{len(result.unfit)} uncertain steps keep their thought: no deliberation naming two candidates fits "
             f"the agent's reply budget of {exp.evaluation.max_new_tokens} tokens (evaluation.max_new_tokens)")
     return StageResult({"deliberations": deliberations, "trajectories": written}, {
+        "dtype": backend_settings(s.critic_backend or exp.backend)["options"].get("dtype"),
         "deliberations": len(result.deliberations), "fallbacks": result.fallbacks, "retries": result.retries,
         "switched": len(result.switched), "unfit": len(result.unfit), **deliberation_quality(result.deliberations)})

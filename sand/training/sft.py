@@ -20,6 +20,7 @@ import polars as pl
 from pydantic import Field
 
 from sand.errors import SandError
+from sand.machine import native_bf16
 from sand.react import conversation
 from sand.training.config import TrainConfig
 from sand.trajectory import Trajectory, from_frame
@@ -74,20 +75,6 @@ def training_examples(trajectories: list[Trajectory], history_steps: int | None,
     return examples
 
 
-def bf16_capable() -> bool:
-    """Whether this machine computes in bf16 natively: a CUDA GPU that supports it, or a CPU with
-    avx512_bf16 / AMX units (elsewhere bf16 on a CPU is emulated and slower than fp32)."""
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def _load_model(spec: TrainSpec, bf16: bool):
     import torch
     from peft import LoraConfig, PeftModel, get_peft_model
@@ -115,7 +102,7 @@ def train(spec: TrainSpec, log: Callable[[dict], None] = lambda record: None) ->
     if (output / "train_metrics.json").exists():  # already trained: the folder only appears when complete
         return json.loads((output / "train_metrics.json").read_text())
     partial = output.with_name(output.name + ".partial")
-    bf16 = bf16_capable() if spec.bf16 is None else spec.bf16
+    bf16 = native_bf16() if spec.bf16 is None else spec.bf16
     trajectories = [t for path in spec.data for t in from_frame(pl.read_parquet(path))]
     tokenizer = AutoTokenizer.from_pretrained(spec.base_model)
     examples = training_examples(trajectories, spec.history_steps, max_length=spec.max_length, length=lambda m: len(

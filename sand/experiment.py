@@ -68,6 +68,12 @@ class SandConfig(_Strict):
     self_consistency: bool = True  # ablation: False = the base model invents the alternatives
     critique: bool = True  # ablation: False = no rollouts, no critiques
     expert_switch: bool = False
+    # Which uncertain steps get a deliberation: all ("uncertain", as the paper), or only those where executing the
+    # candidates told them apart ("separated": some candidate's evidence verdict differs from the others').
+    deliberate: Literal["uncertain", "separated"] = "uncertain"
+    # Beside each pi_k, its compute-matched control (agent control_k): pi_{k-1} trained on D_{k-1} unchanged for as
+    # many optimizer steps as pi_k. iter_k vs control_k is SAND's effect; iter_k vs sft adds the extra training.
+    control: bool = True
     # env -> how many of D_0's trajectories the iterations deliberate over (a stable pseudo-random N); None:
     # all of D_0, as the paper. D_k carries the others unchanged, so every iteration trains on all the data.
     # CPU budgets: the critique stage grows with this, training does not.

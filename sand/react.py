@@ -43,6 +43,9 @@ def assistant_turn(step: Step) -> str:
     return f"Thought: {step.thought}\nAction: {step.action}" if step.thought else f"Action: {step.action}"
 
 
+HEADER_TURNS = 3  # the instruction prompt, "OK" and the task open every conversation
+
+
 def conversation(env: str, instruction: str, steps: list[Step], final_observation: bool = True) -> list[dict]:
     """Chat messages for an episode so far. Without `final_observation`, the last step's
     observation is left out (training targets end at the assistant turn)."""

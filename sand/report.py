@@ -172,7 +172,7 @@ def format_report(store: Store, experiment: str, vs: list[str] | None = None) ->
     and tokens per agent and split; the per-split paired comparisons; one line per comparison of each step
     share (STEP_SHARES); last, one line per comparison of rewards,
     `agent vs baseline: +x.x [lo, hi] (n tasks, won/lost/tied)`. `vs`: the baselines (default: every agent
-    against each agent before it in training order)."""
+    against its control first, then each agent before it in training order: `default_pairs`)."""
     episodes, summary = _read(store, experiment, summary=True)
     board = _scoreboard(episodes, summary)
     if board.is_empty():
@@ -189,8 +189,7 @@ def format_report(store: Store, experiment: str, vs: list[str] | None = None) ->
     if unknown:
         raise SandError(f"{experiment}: no evaluations of {', '.join(map(repr, unknown))} to compare with "
                         f"(evaluated: {', '.join(agents)})")
-    pairs = [(a, b) for b in vs for a in agents if a != b] if vs else \
-        [(a, b) for i, a in enumerate(agents) for b in agents[:i]]
+    pairs = [(a, b) for b in vs for a in agents if a != b] if vs else default_pairs(agents)
     for baseline in dict.fromkeys(b for _, b in pairs):
         table = _comparisons(episodes, experiment, baseline).filter(pl.col("agent").is_in([a for a, b in pairs
                                                                                         if b == baseline]))
@@ -200,12 +199,20 @@ def format_report(store: Store, experiment: str, vs: list[str] | None = None) ->
     return "\n".join([*parts, "", *_paired_lines(episodes, pairs)])
 
 
+def default_pairs(agents: list[str]) -> list[tuple[str, str]]:
+    """The comparisons a report makes: first each SAND agent against its compute-matched control (iter_k vs
+    control_k: SAND's effect), then every agent against each agent before it in training order."""
+    controls = [(f"iter_{a.removeprefix('control_')}", a) for a in agents if a.startswith("control_")]
+    controls = [(a, b) for a, b in controls if a in agents]
+    return [*controls, *((a, b) for i, a in enumerate(agents) for b in agents[:i] if (a, b) not in controls
+                         and (b, a) not in controls)]
+
+
 def paired_lines(store: Store, experiment: str) -> list[str]:
-    """The report's closing lines: every agent against each agent before it in training order, pooled over all
-    tasks, for each step share and last for the reward (`comparison_line`), each block under its heading."""
+    """The report's closing lines: the `default_pairs`, pooled over all tasks, for each step share and last for
+    the reward (`comparison_line`), each block under its heading."""
     episodes = _read(store, experiment)[0]
-    agents = _agents(episodes)
-    return _paired_lines(episodes, [(a, b) for i, a in enumerate(agents) for b in agents[:i]])
+    return _paired_lines(episodes, default_pairs(_agents(episodes)))
 
 
 def _paired_lines(episodes: pl.DataFrame, pairs: list[tuple[str, str]]) -> list[str]:

@@ -5,6 +5,7 @@
     critique        every candidate of an uncertain step rolled out and judged  rollouts, critiques
     synthesize      deliberation thoughts at uncertain steps, and D_k           deliberations, trajectories
     finetune        pi_k: pi_{k-1} trained on D_k                               checkpoints   <exp>/sft, /iter_k
+                    (control: pi_{k-1} on D_{k-1}, as many steps as pi_k)                     <exp>/control_k
     evaluate_agent  greedy episodes of an agent on the evaluation splits        evaluations   <exp>/<agent>
 
 Each stage first checks that the machine has what the experiment needs (sand.preflight), so a run started
@@ -61,11 +62,16 @@ def stage_code(stage: str) -> str:
 def run_iteration(exp, store: Store, k: int, backends: BackendFactory, envs: Envs, lineage_of: LineageOf,
                   train: Callable[[TrainPlan], dict] = train_here, log: Log = default_log) -> dict[str, StageResult]:
     """SAND iteration k from the store: D_{k-1} and pi_{k-1} -> candidates, rollouts and critiques, D_k,
-    pi_k and its evaluation (each stage's result by name)."""
+    pi_k and its evaluation, and (`sand.control`) pi_k's compute-matched control and its evaluation (each stage's
+    result by name)."""
     results = {"sample": sample(exp, store, k, backends, lineage_of, stage_code("sampling"), log)}
     results["critique"] = critique(exp, store, k, backends, envs, lineage_of, stage_code("critique"), log)
     results["synthesize"] = synthesize(exp, store, k, backends, lineage_of, stage_code("synthesis"), log)
     results["finetune"] = finetune(exp, store, k, lineage_of, train, log)
     results["evaluate"] = evaluate_agent(exp, store, f"iter_{k}", k, backends, envs, lineage_of,
                                          stage_code("evaluation"), log)
+    if exp.sand.control:
+        results["control"] = finetune(exp, store, k, lineage_of, train, log, control=True)
+        results["evaluate_control"] = evaluate_agent(exp, store, f"control_{k}", k, backends, envs, lineage_of,
+                                                     stage_code("evaluation"), log, control=True)
     return results

@@ -3,6 +3,7 @@
   D_{k-1} + pi_{k-1} ─► iter_k/candidate_samples ─► iter_k/rollouts ─► iter_k/action_critiques
   candidates + rollouts + critiques ─► iter_k/deliberations ─► iter_k/deliberation_dataset (D_k)
   D_k + pi_{k-1} ─► iter_k/finetuned_checkpoint (pi_k) ─► iter_k/evaluation
+  D_{k-1} + pi_{k-1} + pi_k's steps ─► iter_k/control_checkpoint ─► iter_k/control_evaluation   (sand.control)
 
 Each asset runs one engine stage (sand.stages), which writes dataset `<exp>/iter_k` of its table(s) with a
 lineage row naming the exact versions it read; where one stage writes two tables it is a multi-asset.
@@ -119,4 +120,14 @@ def _iteration(exp: Experiment, k: int, data_key: AssetKey, checkpoint_key: Asse
         description=f"pi_{k}: pi_{k - 1} finetuned on D_{k} (continued, not restarted from the base model).")
     evaluation = evaluation_asset(exp, f"iter_{k}", k, _key(exp, k, "evaluation"), deps=[finetuned.key],
                                   description=f"pi_{k}, greedy, on the evaluation splits.")
-    return [candidate_samples, action_critiques, deliberation_dataset, finetuned, evaluation]
+    assets = [candidate_samples, action_critiques, deliberation_dataset, finetuned, evaluation]
+    if s.control:
+        control = finetune_asset(
+            exp, k, _key(exp, k, "control_checkpoint"), deps=[data_key, checkpoint_key, finetuned.key], control=True,
+            description=f"control_{k}: pi_{k - 1} trained on D_{k - 1} unchanged (no deliberations) for as many "
+                        f"optimizer steps as pi_{k}, with the same settings: iter_{k} vs control_{k} is SAND's "
+                        "effect, not the extra training's.")
+        assets += [control, evaluation_asset(exp, f"control_{k}", k, _key(exp, k, "control_evaluation"),
+                                             deps=[control.key], control=True,
+                                             description=f"control_{k}, greedy, on the evaluation splits.")]
+    return assets

@@ -44,8 +44,10 @@ def evaluation_data(exp: Experiment) -> list:
     return [alfworld_heldout_games] if alfworld and "heldout" in alfworld.splits else []
 
 
-def finetune_asset(exp: Experiment, k: int, key: AssetKey, deps: list, description: str) -> AssetsDefinition:
-    """pi_k's asset: the engine plans the training, Dagster Pipes runs it in a child process."""
+def finetune_asset(exp: Experiment, k: int, key: AssetKey, deps: list, description: str,
+                   control: bool = False) -> AssetsDefinition:
+    """pi_k's asset (or with `control`, its compute-matched control's): the engine plans the training, Dagster
+    Pipes runs it in a child process."""
 
     @asset(key=key, group_name=exp.name, deps=deps, pool="gpu", kinds={"pytorch"},
            code_version=stages.stage_code("finetune"), description=description,
@@ -58,7 +60,7 @@ def finetune_asset(exp: Experiment, k: int, key: AssetKey, deps: list, descripti
             return pipes.run(command=training_command(exp), context=context, env=env).get_custom_messages()[-1]
 
         db = store.store()
-        result = stages.finetune(exp, db, k, lineage_of(context), train, context.log.info)
+        result = stages.finetune(exp, db, k, lineage_of(context), train, context.log.info, control=control)
         written = result.written["checkpoints"]
         row = written.rows.row(0, named=True)
         curve = "\n".join(f"| {r['step']} | {r['loss']:.4f} |" for r in row["loss_curve"])
@@ -72,7 +74,7 @@ def finetune_asset(exp: Experiment, k: int, key: AssetKey, deps: list, descripti
 
 
 def evaluation_asset(exp: Experiment, agent: str, iteration: int | None, key: AssetKey, deps: list,
-                     description: str) -> AssetsDefinition:
+                     description: str, control: bool = False) -> AssetsDefinition:
     """Greedy episodes of `agent` on the evaluation splits; per-episode rows land in `evaluations`."""
 
     @asset(key=key, group_name=exp.name, deps=[*deps, *evaluation_data(exp)], pool="gpu", kinds={"python"},
@@ -83,7 +85,7 @@ def evaluation_asset(exp: Experiment, agent: str, iteration: int | None, key: As
                    sciworld: SciWorldResource, alfworld: AlfWorldResource) -> MaterializeResult:
         result = stages.evaluate_agent(exp, store.store(), agent, iteration, backends(exp, compute),
                                        environments(sciworld, alfworld), lineage_of(context),
-                                       stages.stage_code("evaluation"), context.log.info)
+                                       stages.stage_code("evaluation"), context.log.info, control=control)
         missing = [f"{env} {split} {task}" for env, split, task in stages.missing_episodes(result)]
         return dataset_result(result.written["evaluations"], checks=(
             check_result("episodes_complete", missing, planned=len(result.planned)),), **result.counts)

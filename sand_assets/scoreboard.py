@@ -27,9 +27,11 @@ NUMERIC = ("avg_reward", "ci_lo", "ci_hi", "success_rate", "deliberation_rate", 
 
 
 def evaluation_keys(exp: Experiment) -> list[AssetKey]:
-    """Every evaluation asset of `exp`: the base model, SFT (iteration 0) and each SAND iteration."""
+    """Every evaluation asset of `exp`: the base model, SFT (iteration 0), each SAND iteration and its control."""
+    controls = range(1, exp.sand.iterations + 1) if exp.sand.control else ()
     return [AssetKey([exp.name, "base_evaluation"]),
-            *(AssetKey([exp.name, f"iter_{k}", "evaluation"]) for k in range(exp.sand.iterations + 1))]
+            *(AssetKey([exp.name, f"iter_{k}", "evaluation"]) for k in range(exp.sand.iterations + 1)),
+            *(AssetKey([exp.name, f"iter_{k}", "control_evaluation"]) for k in controls)]
 
 
 def _markdown_table(df: pl.DataFrame) -> str:

@@ -16,6 +16,7 @@ from sand import prompts, stages
 from sand.envs.alfworld import AlfWorldEnv
 from sand.envs.alfworld_gen import generate_games
 from sand.envs.sciworld import ScienceWorldEnv
+from sand.errors import SandError
 from sand.evaluation import is_deliberation
 from sand.experiment import EvalConfig, Experiment, SandConfig
 from sand.experts import record_expert
@@ -712,3 +713,42 @@ def test_a_critic_model_of_its_own_critiques_and_writes(agent, home, alf, alf_di
     assert synthesis["distinct_candidates_per_deliberation"] >= 2
     assert synthesis["repeated_sentence_rate"] == round(
         sum(d.repeated for d in result.deliberations) / len(result.deliberations), 4)
+
+
+def test_an_evidence_written_thought_concludes_from_what_it_says(alf):
+    """A thought never ends at an action it has just said does not help while naming no better one."""
+    def thought(answer, verdicts):
+        options = [(a, Critique("t", 0, "", a, alf[0].id, 0, v, False, "", "critic", False, True, "Nothing happens.",
+                                0.0, 0.0, 0.0, False, 2, v)) for a, v in verdicts.items()]
+        return fallback_thought(_Job(alf[0], 0, answer, options), [], lambda t, a: True)
+
+    desk, shelf, drawer = "go to desk 1", "go to shelf 1", "open drawer 1"
+    alike = thought(desk, {desk: "no effect", shelf: "no effect"})
+    assert "They all come to the same here, so I keep to the plan." in alike
+    level = thought(desk, {desk: "no effect", shelf: "no effect", drawer: "hindered"})
+    assert "None of these moves the task forward, so I keep to the plan." in level
+    best = thought(desk, {desk: "no effect", shelf: "hindered"})
+    assert f'Of these, "{desk}" does the most for the task.' in best
+    helps = thought(desk, {desk: "advanced", shelf: "advanced"})  # it helps: nothing to reconcile
+    behind = thought(desk, {desk: "no effect", shelf: "advanced"})  # names a better one: says none is futile
+    for text in (alike, level, best, helps, behind):
+        assert text.endswith(f'So I will "{desk}".') and validate(text, desk, None, "alfworld") == text
+    assert not any(s in t for t in (helps, behind) for s in ("They all", "None of these", "Of these"))
+
+
+def test_separated_deliberates_only_where_the_evidence_tells_the_candidates_apart(writer, alf, sampled,
+                                                                                 alf_critiques):
+    _, rollouts, critiques, _, _ = alf_critiques
+    candidates = [c for c in sampled if c.trajectory_id in {t.id for t in alf}]
+    verdicts = {}
+    for c in critiques:
+        verdicts.setdefault((c.trajectory_id, c.step), set()).add(c.evidence)
+    every = synthesize(writer, alf, candidates, critiques, rollouts, max_new_tokens=16)
+    chosen = synthesize(writer, alf, candidates, critiques, rollouts, max_new_tokens=16, deliberate="separated")
+    assert {(d.trajectory_id, d.step) for d in chosen.deliberations} == {
+        (d.trajectory_id, d.step) for d in every.deliberations  # a step without critiques is not known alike
+        if len(verdicts.get((d.trajectory_id, d.step), "unknown")) > 1}
+    assert set(chosen.alike) == {key for key, seen in verdicts.items() if len(seen) == 1}
+    assert every.alike == []
+    with pytest.raises(SandError, match="deliberate must be"):
+        synthesize(writer, alf, candidates, critiques, rollouts, deliberate="sometimes")

@@ -24,12 +24,12 @@ def spec(data, out, **kw) -> TrainSpec:
 
 def test_windows_keep_the_instruction_and_end_at_an_assistant_turn():
     [long] = [t for t in load_eto(DATA / "eto_alfworld_sample.json", "alfworld") if len(t.steps) == 6]
-    examples = training_examples([long], history_steps=4)
+    examples = [ex["prompt"] + ex["completion"] for ex in training_examples([long], history_steps=4)]
     assert len(examples) == 2
     for ex in examples:
-        assert ex["messages"][2]["content"] == long.instruction
-        assert ex["messages"][-1]["role"] == "assistant"
-    assert examples[1]["messages"][3]["content"].endswith(long.steps[4].action)
+        assert ex[2]["content"] == long.instruction
+        assert ex[-1]["role"] == "assistant"
+    assert examples[1][3]["content"].endswith(long.steps[4].action)
 
 
 def test_windows_longer_than_max_length_end_early_so_no_step_is_cut_off():
@@ -42,18 +42,21 @@ def test_windows_longer_than_max_length_end_early_so_no_step_is_cut_off():
         return len(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
 
     [long] = [t for t in load_eto(DATA / "eto_alfworld_sample.json", "alfworld") if len(t.steps) == 6]
-    [whole] = training_examples([long], history_steps=6)
-    one_step = length(training_examples([long], history_steps=1)[0]["messages"])
+    def windows(**kw):
+        return [ex["prompt"] + ex["completion"] for ex in training_examples([long], **kw)]
+
+    [whole] = windows(history_steps=6)
+    one_step = length(windows(history_steps=1)[0])
     # Room for the instruction and about three steps: the 6-step window becomes several, each within the limit,
     # and together they train every step exactly once, in order.
-    limit = (one_step + length(whole["messages"])) // 2
-    examples = training_examples([long], history_steps=6, length=length, max_length=limit)
-    assert 2 <= len(examples) < 6 and all(length(ex["messages"]) <= limit for ex in examples)
-    trained = [m["content"] for ex in examples for m in ex["messages"][3:] if m["role"] == "assistant"]
-    assert trained == [m["content"] for m in whole["messages"][3:] if m["role"] == "assistant"]
+    limit = (one_step + length(whole)) // 2
+    examples = windows(history_steps=6, length=length, max_length=limit)
+    assert 2 <= len(examples) < 6 and all(length(ex) <= limit for ex in examples)
+    trained = [m["content"] for ex in examples for m in ex[3:] if m["role"] == "assistant"]
+    assert trained == [m["content"] for m in whole[3:] if m["role"] == "assistant"]
     # Each window is as long as the limit allows: one more step would not fit.
-    first_steps = (len(examples[0]["messages"]) - 3 + 1) // 2  # its turns: steps, and observations between them
-    assert length(training_examples([long], history_steps=first_steps + 1)[0]["messages"]) > limit
+    first_steps = (len(examples[0]) - 3 + 1) // 2  # its turns: steps, and observations between them
+    assert length(windows(history_steps=first_steps + 1)[0]) > limit
     with pytest.raises(SandError, match=rf"alfworld trajectory {long.id}, step 1: .* more than train.max_length"):
         training_examples([long], history_steps=6, length=length, max_length=one_step - 1)
 
@@ -72,3 +75,26 @@ def test_train_writes_a_complete_adapter_and_is_idempotent(sand_home, data, tmp_
     # neighbourhood, not the base model's.
     cont = train(spec(data, tmp_path / "ckpt2", init_checkpoint=str(out)))
     assert cont["steps"] == 2 and cont["loss_curve"][0]["loss"] < metrics["loss_curve"][0]["loss"]
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_training_runs_in_either_precision_and_records_it(sand_home, data, tmp_path, bf16):
+    metrics = train(spec(data, tmp_path / "ckpt", bf16=bf16))
+    assert metrics["bf16"] is bf16 and metrics["steps"] == 2
+    assert (tmp_path / "ckpt" / "adapter_model.safetensors").exists()
+
+
+def test_only_the_agent_s_turns_carry_loss_not_the_header_s_ok(sand_home, data, tmp_path):
+    from sand.training.sft import build_trainer
+
+    trainer, _ = build_trainer(spec(data, tmp_path / "ckpt", history_steps=2), tmp_path / "partial")
+    tokenizer = trainer.processing_class
+    [long] = [t for t in load_eto(DATA / "eto_alfworld_sample.json", "alfworld") if len(t.steps) == 6]
+    for example in trainer.train_dataset:
+        trained = tokenizer.decode([t for t, label in zip(example["input_ids"], example["labels"]) if label != -100])
+        text = tokenizer.decode(example["input_ids"])
+        assert "OK" in text and "OK" not in trained  # the header is context, never a target
+        assert "Action:" in trained and "Observation:" not in trained and "Your task is to" not in trained
+    windows = [tokenizer.decode([t for t, label in zip(e["input_ids"], e["labels"]) if label != -100])
+               for e in trainer.train_dataset]
+    assert any(long.steps[2].action in w for w in windows)  # a later window trains its own steps

@@ -17,8 +17,11 @@ from sand.training.sft import TrainSpec
 from sand.versioning import code_version
 
 
-def checkpoint_dataset(exp: Experiment, iteration: int) -> str:
-    """pi_iteration's dataset in `checkpoints` (0: the SFT agent)."""
+def checkpoint_dataset(exp: Experiment, iteration: int, control: bool = False) -> str:
+    """pi_iteration's dataset in `checkpoints` (0: the SFT agent), or with `control` that of its compute-matched
+    control (pi_{iteration-1} trained on D_{iteration-1} for as many steps)."""
+    if control:
+        return f"{exp.name}/control_{iteration}"
     return f"{exp.name}/sft" if iteration == 0 else f"{exp.name}/iter_{iteration}"
 
 
@@ -36,11 +39,16 @@ class TrainPlan:
         return Path(self.spec.output_dir)
 
 
-def plan_training(exp: Experiment, store: Store, iteration: int, data: DatasetRef, init: str | None) -> TrainPlan:
+def plan_training(exp: Experiment, store: Store, iteration: int, data: DatasetRef, init: str | None,
+                  max_steps: int | None = None) -> TrainPlan:
+    """The training that makes pi_iteration from `init` on `data`; `max_steps` (a control's: the steps of the
+    training it matches) overrides the experiment's."""
     base = resolve_model(exp.base_model)
     base_hash = model_hash(base)
     epochs = exp.train.epochs_of(iteration)
     train = exp.train.model_dump(exclude={"epochs", "iteration_epochs", "launcher"})
+    if max_steps is not None:
+        train["max_steps"] = max_steps
     # The precision it trains in, as this machine chooses it where the experiment does not: bf16 and fp32 training
     # make different weights, so they are different checkpoints.
     train["bf16"] = native_bf16() if train["bf16"] is None else train["bf16"]

@@ -29,14 +29,15 @@ from sand.worklog import WorkLog
 
 
 def evaluate_agent(exp: Experiment, store: Store, agent: str, iteration: int | None, backends: BackendFactory,
-                   envs: Envs, lineage_of: LineageOf, code: str, log: Log = default_log) -> EvaluationResult:
-    """Greedy episodes of `agent` ("base": the base model; else pi_iteration) on the experiment's evaluation
-    splits; one row per episode in `evaluations` <exp>/<agent>. Finished episodes are reused for the same
-    agent weights, backend and evaluation settings."""
+                   envs: Envs, lineage_of: LineageOf, code: str, log: Log = default_log,
+                   control: bool = False) -> EvaluationResult:
+    """Greedy episodes of `agent` ("base": the base model; else pi_iteration, or with `control` its compute-matched
+    control) on the experiment's evaluation splits; one row per episode in `evaluations` <exp>/<agent>. Finished
+    episodes are reused for the same agent weights, backend and evaluation settings."""
     check_experiment(exp)
     from sand.evaluation import evaluate
 
-    checkpoint_ref, path = checkpoint(store, exp, iteration) if iteration is not None else (None, None)
+    checkpoint_ref, path = checkpoint(store, exp, iteration, control) if iteration is not None else (None, None)
     work = work_dir(store, "evaluation", code, agent=agent_identity(exp, path), backend=backend_settings(exp.backend),
                     settings=exp.evaluation.model_dump(), envs=envs.settings)
     rows, planned = [], []

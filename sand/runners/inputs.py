@@ -9,11 +9,12 @@ from sand.store import DatasetRef, Store
 from sand.trajectory import Trajectory, from_frame
 
 
-def checkpoint(store: Store, exp: Experiment, k: int) -> tuple[DatasetRef, str]:
-    """pi_k: its checkpoint record and folder."""
-    ref = store.head("checkpoints", checkpoint_dataset(exp, k))
+def checkpoint(store: Store, exp: Experiment, k: int, control: bool = False) -> tuple[DatasetRef, str]:
+    """pi_k (or with `control`, its compute-matched control): its checkpoint record and folder."""
+    ref = store.head("checkpoints", checkpoint_dataset(exp, k, control))
     if ref is None:
-        raise LookupError(f"{exp.name}: no checkpoint of iteration {k} in {store.home} (train it first)")
+        what = f"the control of iteration {k}" if control else f"iteration {k}"
+        raise LookupError(f"{exp.name}: no checkpoint of {what} in {store.home} (train it first)")
     return ref, str(store.resolve(store.read("checkpoints", ref.dataset, ref.version)["path"][0]))
 
 

@@ -53,6 +53,7 @@ def synthesize(exp: Experiment, store: Store, k: int, backends: BackendFactory, 
                             writer=critic_identity(exp), backend=backend_settings(exp.backend),
                             critic_backend=backend_settings(s.critic_backend) if s.critic_backend else None,
                             self_consistency=s.self_consistency, critique=s.critique, expert_switch=s.expert_switch,
+                            deliberate=s.deliberate,
                             writer_max_new_tokens=s.writer_max_new_tokens,
                             reply_tokens=exp.evaluation.max_new_tokens, agent_model=exp.base_model))
     done = {(d.trajectory_id, d.step): d for d in deliberations_from_frame(work.frame())} if work.exists() else {}
@@ -68,7 +69,7 @@ def synthesize(exp: Experiment, store: Store, k: int, backends: BackendFactory, 
         result = synthesize_deliberations(writer, trajectories, candidates, critiques, rollouts, s.expert_switch,
                                           max_new_tokens=s.writer_max_new_tokens, done=done, on_result=persist,
                                           reply_tokens=exp.evaluation.max_new_tokens,
-                                          count_tokens=agent_token_counter(exp, writer))
+                                          count_tokens=agent_token_counter(exp, writer), deliberate=s.deliberate)
     inputs = [data, *refs.values()]
     deliberations = store.write("deliberations", name, deliberations_frame(result.deliberations),
                                 stage_lineage(lineage_of, "deliberations", k, inputs,
@@ -84,4 +85,5 @@ def synthesize(exp: Experiment, store: Store, k: int, backends: BackendFactory, 
     return StageResult({"deliberations": deliberations, "trajectories": written}, {
         "dtype": backend_settings(s.critic_backend or exp.backend)["options"].get("dtype"),
         "deliberations": len(result.deliberations), "fallbacks": result.fallbacks, "retries": result.retries,
-        "switched": len(result.switched), "unfit": len(result.unfit), **deliberation_quality(result.deliberations)})
+        "switched": len(result.switched), "unfit": len(result.unfit), "alike": len(result.alike),
+        **deliberation_quality(result.deliberations)})

@@ -72,6 +72,7 @@ class Synthesis:
     dataset: list[Trajectory]  # D_k
     switched: list[str] = field(default_factory=list)  # ids of trajectories changed by the expert switch
     unfit: list[tuple[str, int]] = field(default_factory=list)  # (id, step): no deliberation fits the reply budget
+    alike: list[tuple[str, int]] = field(default_factory=list)  # (id, step): not deliberated, candidates alike
 
     @property
     def fallbacks(self) -> int:
@@ -97,6 +98,13 @@ class _Job:
     @property
     def evidence(self) -> dict[str, str]:
         return {a: c.evidence for a, c in self.options if c is not None}
+
+    @property
+    def separated(self) -> bool:
+        """Whether executing the candidates told them apart: their evidence verdicts differ (evidence missing for
+        some candidate does not show that they are alike)."""
+        evidence = self.evidence
+        return len(evidence) < len(self.options) or len(set(evidence.values())) > 1
 
 
 def dataset_id(trajectory_id: str) -> str:
@@ -248,9 +256,7 @@ def fallback_thought(job: _Job, invented: list[str], fits: _Fits) -> str | None:
             named = [a for a, _ in job.options if a == answer or a in kept]
             parts += [evidence_sentence(a, critiques[a], quote) if a in critiques else f'I could also "{a}".'
                       for a in named]
-            ranks = {a: _RANK[c.evidence] for a, c in critiques.items() if a in named}
-            if answer in ranks and all(ranks[answer] > r for a, r in ranks.items() if a != answer):
-                parts.append(f'Of these, "{answer}" does the most for the task.')
+            parts += _verdict(answer, {a: c.evidence for a, c in critiques.items() if a in named})
         else:
             if kept:
                 parts.append("I could " + " or ".join(f'"{a}"' for a in kept) + ".")
@@ -260,6 +266,22 @@ def fallback_thought(job: _Job, invented: list[str], fits: _Fits) -> str | None:
         if fits(thought, job.answer):
             return thought
     return None
+
+
+def _verdict(answer: str, evidence: dict[str, str]) -> list[str]:
+    """What an evidence-written thought says before its conclusion, so that the conclusion follows from what it
+    said: the answer did the most, or (the answer no better than the rest and not advancing the task) that none of
+    the candidates moves the task forward, rather than concluding at an action it has just said does not help."""
+    if answer not in evidence:
+        return []
+    mine, others = _RANK[evidence[answer]], [_RANK[v] for a, v in evidence.items() if a != answer]
+    if all(mine > r for r in others):
+        return [f'Of these, "{answer}" does the most for the task.']
+    if evidence[answer] == "advanced" or any(r > mine for r in others):
+        return []
+    if all(r == mine for r in others):
+        return ["They all come to the same here, so I keep to the plan."]
+    return ["None of these moves the task forward, so I keep to the plan."]
 
 
 def _order(trajectory_id: str, step: int, actions: list[str]) -> list[str]:
@@ -346,7 +368,7 @@ def synthesize(writer: Backend, trajectories: list[Trajectory], candidates: list
                expert_switch: bool = False, batch_size: int = 64, max_new_tokens: int = 192,
                history_steps: int = 5, done: dict[tuple[str, int], Deliberation] | None = None,
                on_result: Callable[[list[Deliberation]], None] | None = None, reply_tokens: int | None = None,
-               count_tokens: Callable[[str], int] | None = None) -> Synthesis:
+               count_tokens: Callable[[str], int] | None = None, deliberate: str = "uncertain") -> Synthesis:
     """Deliberation thoughts for the uncertain steps and the dataset D_k.
 
     `reply_tokens`: the agent's reply budget (evaluation's `max_new_tokens`). Every thought, with the action
@@ -354,6 +376,10 @@ def synthesize(writer: Backend, trajectories: list[Trajectory], candidates: list
     one would teach the agent replies that are cut off before their action. A step where not even the shortest
     fallback fits (candidates as long as the budget) is not deliberated: it keeps its thought, and
     `Synthesis.unfit` names it. None: no limit.
+
+    `deliberate`: which uncertain steps get a deliberation: "uncertain", all of them; "separated", only those
+    whose candidates' execution evidence differs (where every candidate came to the same, a deliberation has
+    nothing to weigh): the others keep their thought, and `Synthesis.alike` names them.
 
     Steps in `done` ((trajectory id, step) -> its deliberation, from an interrupted run) are not written again;
     each batch of `batch_size` new deliberations goes to `on_result` as soon as it is written.
@@ -381,6 +407,12 @@ def synthesize(writer: Backend, trajectories: list[Trajectory], candidates: list
             answer = switch[1].executed if switch and c.step == switch[0] else c.expert_action
             jobs.append(_Job(t, c.step, answer, [(a, by_key.get(candidate_key(t, c.step, a)))
                                                 for a in _order(t.id, c.step, c.candidates)]))
+    alike = []
+    if deliberate == "separated":
+        alike = [(job.trajectory.id, job.step) for job in jobs if not job.separated]
+        jobs = [job for job in jobs if job.separated]
+    elif deliberate != "uncertain":
+        raise SandError(f"deliberate must be 'uncertain' or 'separated', not {deliberate!r}")
     params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, stop=_STOP)
     count = count_tokens or writer.count_tokens
 
@@ -398,7 +430,8 @@ def synthesize(writer: Backend, trajectories: list[Trajectory], candidates: list
             on_result(batch)
     keys = [(job.trajectory.id, job.step) for job in jobs]
     deliberations = [made.get(key) or done[key] for key in keys if key in made or key in done]
-    return Synthesis(deliberations, build_dataset(trajectories, deliberations, switches), sorted(switches), unfit)
+    return Synthesis(deliberations, build_dataset(trajectories, deliberations, switches), sorted(switches), unfit,
+                     alike)
 
 
 def build_dataset(trajectories: list[Trajectory], deliberations: list[Deliberation],

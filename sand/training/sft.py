@@ -1,8 +1,10 @@
 """Supervised finetuning on ReAct trajectories with TRL's SFTTrainer (LoRA or full).
 
-Loss is on assistant turns only (the chat template marks them with `{% generation %}`). Long
-episodes are cut into windows of `history_steps` steps, each starting with the instruction, so that
-training sees the same bounded history the agent is prompted with; a window longer than `max_length`
+Loss is on the agent's turns only: each example is a prompt (the header: the environment's instruction, ETO's
+"OK" answer to it, the task) and a completion (the window's turns), and within the completion only assistant turns
+(the chat template marks them with `{% generation %}`) carry loss. Long episodes are cut into windows of
+`history_steps` steps, each starting with the header, so that training sees the same bounded history the agent is
+prompted with; a window longer than `max_length`
 tokens ends early, so every step is trained on once, with as much of its history as fits. Training writes into
 `<output>.partial/` (with Trainer checkpoints, so an interrupted run resumes) and renames it to
 `<output>` only when done: a checkpoint folder is complete or absent.
@@ -21,7 +23,7 @@ from pydantic import Field
 
 from sand.errors import SandError
 from sand.machine import native_bf16
-from sand.react import conversation
+from sand.react import HEADER_TURNS, conversation
 from sand.training.config import TrainConfig
 from sand.trajectory import Trajectory, from_frame
 
@@ -52,7 +54,9 @@ class TrainSpec(TrainConfig):
 
 def training_examples(trajectories: list[Trajectory], history_steps: int | None,
                       length: Callable[[list[dict]], int] | None = None, max_length: int | None = None) -> list[dict]:
-    """Conversational examples (`{"messages": [...]}`), one per window of at most `history_steps` steps.
+    """Conversational prompt-completion examples (`{"prompt": header, "completion": turns}`), one per window of at
+    most `history_steps` steps. The header is never trained on: trained, its "OK" (repeated by every window) taught
+    a small agent to answer the task with "OK" at its first step.
 
     With `length` (a conversation's tokens) and `max_length`, a window that would be longer ends early and the next
     one starts where it ended: the trainer cuts a long example's last turns off, so they would never be trained on
@@ -70,7 +74,7 @@ def training_examples(trajectories: list[Trajectory], history_steps: int | None,
                                     f"alone are {length(messages)} tokens, more than train.max_length {max_length}")
                 end -= 1
                 messages = conversation(t.env, t.instruction, t.steps[start:end], final_observation=False)
-            examples.append({"messages": messages})
+            examples.append({"prompt": messages[:HEADER_TURNS], "completion": messages[HEADER_TURNS:]})
             start = end
     return examples
 
@@ -91,34 +95,21 @@ def _load_model(spec: TrainSpec, bf16: bool):
     return get_peft_model(model, config)
 
 
-def train(spec: TrainSpec, log: Callable[[dict], None] = lambda record: None) -> dict:
-    """Train, write the checkpoint folder, and return its metrics (loss curve, tokens, time)."""
+def build_trainer(spec: TrainSpec, output_dir: Path, callbacks: list | None = None):
+    """(TRL's SFTTrainer for `spec`, its data tokenized and labelled, writing its Trainer checkpoints under
+    `output_dir`; how many trajectories the data holds)."""
     import torch
     from datasets import Dataset
-    from transformers import AutoTokenizer, TrainerCallback
+    from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    output = Path(spec.output_dir)
-    if (output / "train_metrics.json").exists():  # already trained: the folder only appears when complete
-        return json.loads((output / "train_metrics.json").read_text())
-    partial = output.with_name(output.name + ".partial")
     bf16 = native_bf16() if spec.bf16 is None else spec.bf16
     trajectories = [t for path in spec.data for t in from_frame(pl.read_parquet(path))]
     tokenizer = AutoTokenizer.from_pretrained(spec.base_model)
     examples = training_examples(trajectories, spec.history_steps, max_length=spec.max_length, length=lambda m: len(
         tokenizer.apply_chat_template(m, tokenize=True, return_dict=True)["input_ids"]))
-    curve: list[dict] = []
-
-    class Progress(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs:
-                record = {"step": state.global_step, "max_steps": state.max_steps, "loss": logs["loss"],
-                          "learning_rate": logs.get("learning_rate")}
-                curve.append(record)
-                log(record)
-
     config = SFTConfig(
-        output_dir=str(partial), assistant_only_loss=True, max_length=spec.max_length,
+        output_dir=str(output_dir), assistant_only_loss=True, max_length=spec.max_length,
         num_train_epochs=spec.epochs, max_steps=spec.max_steps, learning_rate=spec.learning_rate,
         per_device_train_batch_size=spec.per_device_batch_size,
         gradient_accumulation_steps=spec.gradient_accumulation_steps,
@@ -129,20 +120,42 @@ def train(spec: TrainSpec, log: Callable[[dict], None] = lambda record: None) ->
         **spec.extra_args,
     )
     trainer = SFTTrainer(model=_load_model(spec, bf16), args=config, train_dataset=Dataset.from_list(examples),
-                         processing_class=tokenizer, callbacks=[Progress()])
+                         processing_class=tokenizer, callbacks=callbacks)
+    return trainer, len(trajectories)
+
+
+def train(spec: TrainSpec, log: Callable[[dict], None] = lambda record: None) -> dict:
+    """Train, write the checkpoint folder, and return its metrics (loss curve, tokens, time)."""
+    from transformers import TrainerCallback
+
+    output = Path(spec.output_dir)
+    if (output / "train_metrics.json").exists():  # already trained: the folder only appears when complete
+        return json.loads((output / "train_metrics.json").read_text())
+    partial = output.with_name(output.name + ".partial")
+    curve: list[dict] = []
+
+    class Progress(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                record = {"step": state.global_step, "max_steps": state.max_steps, "loss": logs["loss"],
+                          "learning_rate": logs.get("learning_rate")}
+                curve.append(record)
+                log(record)
+
+    trainer, trajectories = build_trainer(spec, partial, [Progress()])
     resume = any(partial.glob("checkpoint-*"))
     started = time.monotonic()
     result = trainer.train(resume_from_checkpoint=resume or None)
     seconds = time.monotonic() - started
     final = partial / "final"
     trainer.save_model(str(final))
-    tokenizer.save_pretrained(str(final))
+    trainer.processing_class.save_pretrained(str(final))
     tokens = trainer.state.num_input_tokens_seen
     metrics = {
-        "examples": len(examples), "trajectories": len(trajectories), "steps": result.global_step,
+        "examples": len(trainer.train_dataset), "trajectories": trajectories, "steps": result.global_step,
         "train_loss": result.training_loss, "final_loss": curve[-1]["loss"] if curve else math.nan,
         "seconds": round(seconds, 1), "tokens_per_second": round(tokens / seconds, 1) if seconds else None,
-        "resumed": resume, "loss_curve": curve, "lora": spec.lora, "bf16": bf16,
+        "resumed": resume, "loss_curve": curve, "lora": spec.lora, "bf16": trainer.args.bf16,
     }
     (final / "train_metrics.json").write_text(json.dumps(metrics, indent=1))
     if output.exists():

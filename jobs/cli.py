@@ -9,8 +9,9 @@ from pathlib import Path
 
 from sand import cli
 
-LAUNCHED_BY = "sand/launched_by"  # tags of a `sand run` run: which command, and the process that runs it
+LAUNCHED_BY = "sand/launched_by"  # tags of a `sand run` run: which command, the process that runs it, the machine
 PID = "sand/pid"
+MACHINE = "sand/machine"
 
 
 def cmd_run(args) -> None:
@@ -19,6 +20,7 @@ def cmd_run(args) -> None:
     from dagster import DagsterInstance
 
     from jobs.retraining import failure_rows
+    from sand.machine import machine_line
     from sand.preflight import check_experiment
     from sand.report import format_report
     from sand.store import Store
@@ -33,10 +35,11 @@ def cmd_run(args) -> None:
     holder = f"`sand run {args.job}` runs in pid {os.getpid()} since {datetime.now().isoformat(timespec='seconds')}"
     with store.lock(f"run/{args.job}", holder=holder), DagsterInstance.get() as instance:
         _fail_abandoned_runs(instance, store, args.job)
-        result = job.execute_in_process(instance=instance, raise_on_error=False,
-                                        tags={LAUNCHED_BY: "sand run", PID: str(os.getpid())})
+        result = job.execute_in_process(instance=instance, raise_on_error=False, tags={
+            LAUNCHED_BY: "sand run", PID: str(os.getpid()), MACHINE: machine_line()})
         print(f"run {result.run_id}: {'succeeded' if result.success else 'FAILED'} (job {args.job}; "
               f"DAGSTER_HOME={os.environ['DAGSTER_HOME']})")
+        print(stage_times(instance, result.run_id))
         if not result.success:
             # Recorded here as well as by the daemon's run failure sensor (same file per run): a run
             # without a daemon reaches the catalog's run_failures too.
@@ -47,6 +50,22 @@ def cmd_run(args) -> None:
             raise SystemExit(1)
     if experiment is not None:
         print(format_report(store, args.job))
+
+
+def stage_times(instance, run_id: str) -> str:
+    """The run's steps in the order they started, each with its wall time and share of the run, and the machine."""
+    run = instance.get_run_by_id(run_id)
+    stats = sorted((s for s in instance.get_run_step_stats(run_id) if s.start_time and s.end_time),
+                   key=lambda s: s.start_time)
+    if not stats:
+        return "stage times: no step ran"
+    total = max(s.end_time for s in stats) - min(s.start_time for s in stats)
+    width = max(len(s.step_key) for s in stats)
+    lines = [f"stage times ({total / 60:.1f} min on {run.tags.get(MACHINE, 'this machine')}):"]
+    for s in stats:
+        seconds = s.end_time - s.start_time
+        lines.append(f"  {s.step_key:<{width}} {seconds / 60:6.2f} min {100 * seconds / total:5.1f}%")
+    return "\n".join(lines)
 
 
 def _fail_abandoned_runs(instance, store, job: str) -> None:

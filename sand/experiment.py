@@ -71,6 +71,9 @@ class SandConfig(_Strict):
     # Which uncertain steps get a deliberation: all ("uncertain", as the paper), or only those where executing the
     # candidates told them apart ("separated": some candidate's evidence verdict differs from the others').
     deliberate: Literal["uncertain", "separated"] = "uncertain"
+    # How a deliberation written from the evidence (where the writer's own fails validation) speaks of each
+    # candidate: its observation quoted and its outcome ("quotes"), or its outcome alone ("outcome").
+    thought_form: Literal["quotes", "outcome"] = "quotes"
     # Beside each pi_k, its compute-matched control (agent control_k): pi_{k-1} trained on D_{k-1} unchanged for as
     # many optimizer steps as pi_k. iter_k vs control_k is SAND's effect; iter_k vs sft adds the extra training.
     control: bool = True

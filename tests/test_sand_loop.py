@@ -557,6 +557,8 @@ def test_the_fallback_shortens_quotes_then_names_fewer_candidates(alf):
     evidence = {a: c.evidence for a, c in job.options}
     for f in forms:
         assert validate(f, "go to desk 1", job.names, "alfworld", evidence) == f and f.endswith('"go to desk 1".')
+    # The "outcome" form never quotes an observation: its longest thought is the quotes form's third.
+    assert fallback_thought(job, [], lambda t, answer: True, "outcome") == forms[2]
 
 
 def run_stages(folder, trajectories, agent_folder, make_env=None, pool_size=4, **sand) -> SimpleNamespace:

@@ -53,7 +53,7 @@ def synthesize(exp: Experiment, store: Store, k: int, backends: BackendFactory, 
                             writer=critic_identity(exp), backend=backend_settings(exp.backend),
                             critic_backend=backend_settings(s.critic_backend) if s.critic_backend else None,
                             self_consistency=s.self_consistency, critique=s.critique, expert_switch=s.expert_switch,
-                            deliberate=s.deliberate,
+                            deliberate=s.deliberate, thought_form=s.thought_form,
                             writer_max_new_tokens=s.writer_max_new_tokens,
                             reply_tokens=exp.evaluation.max_new_tokens, agent_model=exp.base_model))
     done = {(d.trajectory_id, d.step): d for d in deliberations_from_frame(work.frame())} if work.exists() else {}
@@ -69,7 +69,8 @@ def synthesize(exp: Experiment, store: Store, k: int, backends: BackendFactory, 
         result = synthesize_deliberations(writer, trajectories, candidates, critiques, rollouts, s.expert_switch,
                                           max_new_tokens=s.writer_max_new_tokens, done=done, on_result=persist,
                                           reply_tokens=exp.evaluation.max_new_tokens,
-                                          count_tokens=agent_token_counter(exp, writer), deliberate=s.deliberate)
+                                          count_tokens=agent_token_counter(exp, writer), deliberate=s.deliberate,
+                                          thought_form=s.thought_form)
     inputs = [data, *refs.values()]
     deliberations = store.write("deliberations", name, deliberations_frame(result.deliberations),
                                 stage_lineage(lineage_of, "deliberations", k, inputs,

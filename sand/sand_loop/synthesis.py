@@ -232,14 +232,18 @@ def _nearby_actions(job: _Job) -> list[str]:
     return found
 
 
-def fallback_thought(job: _Job, invented: list[str], fits: _Fits) -> str | None:
+THOUGHT_FORMS = ("quotes", "outcome")
+
+
+def fallback_thought(job: _Job, invented: list[str], fits: _Fits, form: str = "quotes") -> str | None:
     """A deliberation written from what is known when the writer fails twice: with critiques, each candidate
     in quotes with what executing it showed; without, the candidates (or the alternatives the writer did name,
     else other actions of the trajectory) and the answer.
 
-    The first form that `fits` the agent's reply: every candidate with the observations quoted, then shorter
-    quotes, then none, then fewer candidates, the shortest kept (the answer and one other are always named).
-    None when not even that fits."""
+    The first form that `fits` the agent's reply: every candidate with the observations quoted ("quotes"; with
+    "outcome" the observations are never quoted, only what each candidate did to the task), then shorter quotes,
+    then none, then fewer candidates, the shortest kept (the answer and one other are always named). None when not
+    even that fits."""
     env = job.trajectory.env
     answer = normalize(job.answer, env)
     critiques = {a: c for a, c in job.options if c is not None}
@@ -247,7 +251,8 @@ def fallback_thought(job: _Job, invented: list[str], fits: _Fits) -> str | None:
         others = [a for a, _ in job.options if a != answer]
     else:
         others = [a for a in ([a for a, _ in job.options] or invented or _nearby_actions(job)) if a != answer][:4]
-    forms = [(quote, len(others)) for quote in (100, 40, 0)] + [(0, keep) for keep in range(len(others) - 1, 0, -1)]
+    quotes = (100, 40, 0) if form == "quotes" else (0,)
+    forms = [(quote, len(others)) for quote in quotes] + [(0, keep) for keep in range(len(others) - 1, 0, -1)]
     shortest_first = sorted(others, key=len)
     for quote, keep in forms:
         kept = shortest_first[:keep]
@@ -338,7 +343,7 @@ def _write(writer: Backend, jobs: list[_Job], todo: list[int], mode: str, params
 
 
 def _deliberate(writer: Backend, jobs: list[_Job], todo: list[int], mode: str, params: SamplingParams,
-                history_steps: int, fits: _Fits) -> tuple[list[Deliberation], list[int]]:
+                history_steps: int, fits: _Fits, form: str) -> tuple[list[Deliberation], list[int]]:
     """The deliberations of jobs `todo`: the writer's thought, retried once under stricter instructions, else
     the fallback written from the evidence; and the jobs where not even the shortest fallback fits."""
     first = _write(writer, jobs, todo, mode, params, history_steps, False, fits)
@@ -349,7 +354,7 @@ def _deliberate(writer: Backend, jobs: list[_Job], todo: list[int], mode: str, p
         job = jobs[i]
         env, answer = job.trajectory.env, normalize(job.answer, job.trajectory.env)
         valid, rejection, reply = retry.get(i, first[i])
-        thought = valid or fallback_thought(job, quoted_actions(reply, env), fits)
+        thought = valid or fallback_thought(job, quoted_actions(reply, env), fits, form)
         if thought is None:
             unfit.append(i)
             continue
@@ -368,7 +373,8 @@ def synthesize(writer: Backend, trajectories: list[Trajectory], candidates: list
                expert_switch: bool = False, batch_size: int = 64, max_new_tokens: int = 192,
                history_steps: int = 5, done: dict[tuple[str, int], Deliberation] | None = None,
                on_result: Callable[[list[Deliberation]], None] | None = None, reply_tokens: int | None = None,
-               count_tokens: Callable[[str], int] | None = None, deliberate: str = "uncertain") -> Synthesis:
+               count_tokens: Callable[[str], int] | None = None, deliberate: str = "uncertain",
+               thought_form: str = "quotes") -> Synthesis:
     """Deliberation thoughts for the uncertain steps and the dataset D_k.
 
     `reply_tokens`: the agent's reply budget (evaluation's `max_new_tokens`). Every thought, with the action
@@ -379,7 +385,8 @@ def synthesize(writer: Backend, trajectories: list[Trajectory], candidates: list
 
     `deliberate`: which uncertain steps get a deliberation: "uncertain", all of them; "separated", only those
     whose candidates' execution evidence differs (where every candidate came to the same, a deliberation has
-    nothing to weigh): the others keep their thought, and `Synthesis.alike` names them.
+    nothing to weigh): the others keep their thought, and `Synthesis.alike` names them. `thought_form`: how a
+    thought written from the evidence speaks of the candidates (`fallback_thought`).
 
     Steps in `done` ((trajectory id, step) -> its deliberation, from an interrupted run) are not written again;
     each batch of `batch_size` new deliberations goes to `on_result` as soon as it is written.
@@ -413,6 +420,8 @@ def synthesize(writer: Backend, trajectories: list[Trajectory], candidates: list
         jobs = [job for job in jobs if job.separated]
     elif deliberate != "uncertain":
         raise SandError(f"deliberate must be 'uncertain' or 'separated', not {deliberate!r}")
+    if thought_form not in THOUGHT_FORMS:
+        raise SandError(f"thought_form must be one of {', '.join(THOUGHT_FORMS)}, not {thought_form!r}")
     params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, stop=_STOP)
     count = count_tokens or writer.count_tokens
 
@@ -423,7 +432,8 @@ def synthesize(writer: Backend, trajectories: list[Trajectory], candidates: list
     todo = [i for i, job in enumerate(jobs) if (job.trajectory.id, job.step) not in done]
     made, unfit = {}, []
     for start in range(0, len(todo), batch_size):
-        batch, skipped = _deliberate(writer, jobs, todo[start:start + batch_size], mode, params, history_steps, fits)
+        batch, skipped = _deliberate(writer, jobs, todo[start:start + batch_size], mode, params, history_steps, fits,
+                                     thought_form)
         made.update({(d.trajectory_id, d.step): d for d in batch})
         unfit += [(jobs[i].trajectory.id, jobs[i].step) for i in skipped]
         if on_result:

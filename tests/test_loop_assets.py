@@ -92,8 +92,13 @@ def test_one_sand_iteration_end_to_end(sand_home):
         d1 = store.sql("select count(*) from steps where dataset = 'tiny/iter_1' "
                        "and thought like 'Let me weigh my options:%'").item()
         assert d1 == deliberations
-        assert store.sql("select count(*) from checkpoints where iteration = 1").item() == 1
-        assert store.sql("select episodes from evaluation_summary where agent = 'iter_1'").item() == 1
+        # pi_1 and its compute-matched control: pi_0 trained on D_0 (not D_1) for as many optimizer steps.
+        pi_1, control = (store.read("checkpoints", f"tiny/{name}").row(0, named=True)
+                         for name in ("iter_1", "control_1"))
+        assert control["train_steps"] == pi_1["train_steps"] and control["init_checkpoint"] == pi_1["init_checkpoint"]
+        assert [d["dataset"] for d in control["train_data"]] == ["tiny/d0"] and control["path"] != pi_1["path"]
+        episodes = dict(store.sql("select agent, episodes from evaluation_summary").rows())
+        assert episodes == {"iter_1": 1, "control_1": 1}
 
         answer = store.sql(LINEAGE_QUESTION.format(k=1))
         assert answer.height == 1

@@ -18,6 +18,7 @@ from sand_assets.models import build_model_assets
 
 STAGES = ("candidate_samples", "rollouts", "action_critiques", "deliberations", "deliberation_dataset",
           "finetuned_checkpoint", "evaluation")
+CONTROL = ("control_checkpoint", "control_evaluation")
 
 
 def dependencies(assets) -> dict[str, set[str]]:
@@ -31,7 +32,7 @@ def test_three_iterations_chain_each_on_the_one_before():
                      evaluation=EvalConfig(envs={"alfworld": EnvEval(splits=["valid_seen"])}))
     deps = dependencies([*build_model_assets(exp), *build_loop_assets(exp)])
     loop_keys = {k for k in deps if k.startswith("g/iter_") and not k.startswith("g/iter_0/")}
-    assert loop_keys == {f"g/iter_{k}/{stage}" for k in (1, 2, 3) for stage in STAGES}
+    assert loop_keys == {f"g/iter_{k}/{stage}" for k in (1, 2, 3) for stage in (*STAGES, *CONTROL)}
 
     def data(k):  # D_k and pi_k as asset keys
         return "g/d0" if k == 0 else f"g/iter_{k}/deliberation_dataset"
@@ -48,6 +49,9 @@ def test_three_iterations_chain_each_on_the_one_before():
         assert policy(k - 1) in deps[f"g/iter_{k}/rollouts"]
         assert deps[f"g/iter_{k}/finetuned_checkpoint"] >= {data(k), policy(k - 1)}
         assert deps[f"g/iter_{k}/evaluation"] == {policy(k)}
+        # The control starts where pi_k starts, on the data before D_k, and learns pi_k's step count from it.
+        assert deps[f"g/iter_{k}/control_checkpoint"] == {data(k - 1), policy(k - 1), policy(k)}
+        assert deps[f"g/iter_{k}/control_evaluation"] == {f"g/iter_{k}/control_checkpoint"}
         earlier = {d for stage in STAGES for d in deps[f"g/iter_{k}/{stage}"]
                    if iteration_of(d) < k and d != "g/base_model"}
         assert earlier == {data(k - 1), policy(k - 1)}
@@ -70,7 +74,7 @@ def test_two_iterations_end_to_end(sand_home):
                           gradient_accumulation_steps=1, max_length=1024, history_steps=4),
         evaluation=EvalConfig(pool_size=2, max_new_tokens=16, envs={
             "alfworld": EnvEval(splits=["valid_seen"], tasks_per_split=1, max_steps=3)}),
-        sand=SandConfig(iterations=2, n_samples=2, rollout_max_steps=2))
+        sand=SandConfig(iterations=2, n_samples=2, rollout_max_steps=2, control=False))  # tests/test_control.py
     expert = [alfworld_training_games, alfworld_source_trajectories, sciworld_source_trajectories,
               imported_trajectories, expert_trajectories]
     model, loop = build_model_assets(exp), build_loop_assets(exp)

@@ -18,8 +18,8 @@ def data(tmp_path_factory):
 
 
 def spec(data, out, **kw) -> TrainSpec:
-    return TrainSpec(base_model=str(tiny_model()), data=[str(data)], output_dir=str(out), max_steps=2,
-                     per_device_batch_size=1, gradient_accumulation_steps=1, max_length=512, **kw)
+    return TrainSpec(**{"base_model": str(tiny_model()), "data": [str(data)], "output_dir": str(out), "max_steps": 2,
+                        "per_device_batch_size": 1, "gradient_accumulation_steps": 1, "max_length": 512, **kw})
 
 
 def test_windows_keep_the_instruction_and_end_at_an_assistant_turn():
@@ -98,3 +98,19 @@ def test_only_the_agent_s_turns_carry_loss_not_the_header_s_ok(sand_home, data, 
     windows = [tokenizer.decode([t for t, label in zip(e["input_ids"], e["labels"]) if label != -100])
                for e in trainer.train_dataset]
     assert any(long.steps[2].action in w for w in windows)  # a later window trains its own steps
+
+
+def test_the_cpu_loss_is_trl_s_loss_computed_over_the_trained_positions_alone(sand_home, data, tmp_path):
+    import torch
+    from trl import SFTTrainer
+
+    from sand.training.sft import build_trainer
+
+    trainer, _ = build_trainer(spec(data, tmp_path / "ckpt", history_steps=2, per_device_batch_size=2),
+                               tmp_path / "partial")
+    assert type(trainer) is not SFTTrainer  # no GPU here: the scored-positions loss
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    assert (batch["labels"] == -100).float().mean() > 0.5  # most positions are context, not targets
+    ours = trainer.compute_loss(trainer.model, dict(batch))
+    theirs = SFTTrainer.compute_loss(trainer, trainer.model, dict(batch))
+    assert torch.allclose(ours, theirs, rtol=1e-4), (ours, theirs)

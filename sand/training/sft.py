@@ -95,6 +95,32 @@ def _load_model(spec: TrainSpec, bf16: bool):
     return get_peft_model(model, config)
 
 
+def _scored_positions_trainer():
+    """TRL's SFTTrainer, with a loss that projects only the positions predicting a trained token onto the vocabulary.
+
+    TRL scores just those positions where Triton runs; on a CPU it scores every position (and its entropy), and
+    with a 49k vocabulary and loss on the agent's turns alone that was most of a step (measured in
+    benchmarks/training.py). The loss is TRL's: the summed log-likelihood of the trained tokens over their count
+    in the accumulated batch, so steps and checkpoints mean the same."""
+    import torch
+    from trl import SFTTrainer
+
+    class ScoredPositionsTrainer(SFTTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            targets = inputs["labels"][:, 1:]  # position t predicts token t + 1
+            keep = (targets != -100).any(0).nonzero().squeeze(-1)
+            outputs = model(**{k: v for k, v in inputs.items() if k != "labels"}, logits_to_keep=keep, use_cache=False)
+            loss = torch.nn.functional.cross_entropy(outputs.logits.float().flatten(0, 1), targets[:, keep].flatten(),
+                                                     ignore_index=-100, reduction="sum")
+            count = (targets != -100).sum() if num_items_in_batch is None else num_items_in_batch
+            loss = loss / torch.as_tensor(count).clamp(min=1)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * self.accelerator.num_processes  # DDP averages the ranks' gradients, as in TRL
+            return (loss, outputs) if return_outputs else loss
+
+    return ScoredPositionsTrainer
+
+
 def build_trainer(spec: TrainSpec, output_dir: Path, callbacks: list | None = None):
     """(TRL's SFTTrainer for `spec`, its data tokenized and labelled, writing its Trainer checkpoints under
     `output_dir`; how many trajectories the data holds)."""
@@ -119,8 +145,10 @@ def build_trainer(spec: TrainSpec, output_dir: Path, callbacks: list | None = No
         use_cpu=not torch.cuda.is_available(),  # Trainer refuses bf16 on a CPU unless told it is one
         **spec.extra_args,
     )
-    trainer = SFTTrainer(model=_load_model(spec, bf16), args=config, train_dataset=Dataset.from_list(examples),
-                         processing_class=tokenizer, callbacks=callbacks)
+    # Where Triton scores only the trained positions (CUDA), TRL's own loss; on a CPU, the same loss over those alone.
+    trainer_class = SFTTrainer if torch.cuda.is_available() else _scored_positions_trainer()
+    trainer = trainer_class(model=_load_model(spec, bf16), args=config, train_dataset=Dataset.from_list(examples),
+                            processing_class=tokenizer, callbacks=callbacks)
     return trainer, len(trajectories)
 
 

@@ -106,11 +106,18 @@ def test_one_sand_iteration_end_to_end(sand_home):
         assert row["trained_on"] == "tiny/iter_1" and row["critiques"] == "tiny/iter_1"
         assert row["critic"] == exp.base_model and row["critique_rows"] == critiques
 
-        # Unchanged inputs and code: rematerializing the loop writes no new dataset version.
-        before = sorted(p.name for p in (sand_home / "datasets").rglob("*.parquet"))
+        # Unchanged inputs and code: rematerializing the loop writes no new dataset version (but the comparisons
+        # of iter_1, evaluated before control_1 existed, now with control_1).
+        def stored():
+            return sorted(p.relative_to(sand_home) for p in (sand_home / "datasets").rglob("*.parquet")
+                          if p.parent.parent.name != "agent_comparisons")
+
+        before = stored()
         again = materialize([*expert, *model, *loop], selection=loop, resources=resources, instance=instance)
         assert again.success
-        assert sorted(p.name for p in (sand_home / "datasets").rglob("*.parquet")) == before
+        assert stored() == before
+        compared = store.sql("select agent, baseline from agent_comparison where experiment = 'tiny'").rows()
+        assert sorted(set(compared)) == [("control_1", "iter_1"), ("iter_1", "control_1")]
 
         # An ablation branching off the same SFT: its checkpoint and samples are found, not recomputed.
         ablation = exp.model_copy(update={"name": "tiny_no_critique",

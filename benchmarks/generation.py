@@ -4,7 +4,7 @@ Each run sends `batch` distinct prompts of ~300 tokens (ALFWorld-like rooms) in 
 64 new tokens each, greedy (temperature 0) and sampling (temperature 1, top_p 0.95). Throughput counts the
 completion tokens returned (sampling may end early on EOS) over wall time, prefill included. Each backend runs in
 each of --dtypes, side by side; the machine's own choice (sand.machine) is marked, and the first line names the
-machine (CPU, vector units, whether bf16 is native).
+machine (CPU, vector units, whether bf16 is native). The table is kept in docs/results/generation_<isa>.md.
 
     python benchmarks/generation.py [--backends transformers,vllm,openai] [--dtypes float32,bfloat16]
 
@@ -18,6 +18,7 @@ import random
 import time
 
 import torch
+from results_page import Report
 
 from sand.machine import machine_dtype, machine_line
 from sand.models import SamplingParams, make_backend, resolve_model
@@ -65,10 +66,11 @@ def main() -> None:
     options = {"transformers": {"model_path": model, "batch_size": max(batches)},
                "vllm": {"model_path": model, "max_model_len": 2048},
                "openai": {"base_urls": [args.url], "model": str(model), "tokenizer": model}}
-    print(machine_line())
-    print(f"model {model.name}, {args.threads} torch threads, load average {os.getloadavg()[0]:.1f}; "
+    report = Report("generation", "Generation throughput, SmolLM2-135M")
+    report.print(machine_line())
+    report.print(f"model {model.name}, {args.threads} torch threads, load average {os.getloadavg()[0]:.1f}; "
           f"* = this machine's default dtype ({machine_dtype()})")
-    print(f"{'backend':<13}{'dtype':<11}{'mode':<10}{'batch':>6}{'prompt tok':>11}{'new tok':>9}{'seconds':>9}"
+    report.print(f"{'backend':<13}{'dtype':<11}{'mode':<10}{'batch':>6}{'prompt tok':>11}{'new tok':>9}{'seconds':>9}"
           f"{'tok/s':>8}")
     for kind in args.backends.split(","):
         for dtype in args.dtypes.split(",") if kind != "openai" else ["server"]:
@@ -86,8 +88,9 @@ def main() -> None:
                         seconds = time.perf_counter() - started
                         new = sum(c.completion_tokens for r in results for c in r)
                         prompt_tokens = sum(r[0].prompt_tokens for r in results) // batch
-                        print(f"{kind:<13}{dtype + mark:<11}{mode:<10}{batch:>6}{prompt_tokens:>11}{new:>9}"
-                              f"{seconds:>9.2f}{new / seconds:>8.1f}", flush=True)
+                        report.print(f"{kind:<13}{dtype + mark:<11}{mode:<10}{batch:>6}{prompt_tokens:>11}{new:>9}"
+                                     f"{seconds:>9.2f}{new / seconds:>8.1f}")
+    report.write()
 
 
 if __name__ == "__main__":

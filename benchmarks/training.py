@@ -9,7 +9,8 @@ child's peak resident memory. The first step (graph warm-up) is included, as a r
     python benchmarks/training.py [--configs fp32-lora,bf16-lora,fp32-full] [--threads 1,2] [--steps 6]
 
 Cores are shared: the load average is printed with the results, and the first line names the machine (CPU, vector
-units, whether bf16 is native); * marks the precision training takes here by default (sand.machine).
+units, whether bf16 is native); * marks the precision training takes here by default (sand.machine). The table is
+kept in docs/results/training_<isa>.md.
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ import os
 import resource
 import tempfile
 from pathlib import Path
+
+from results_page import Report
 
 from sand.machine import machine_line, native_bf16
 
@@ -70,10 +73,12 @@ def main() -> None:
     spawn = multiprocessing.get_context("spawn")  # a fresh process per run: clean threads, honest peak memory
     with tempfile.TemporaryDirectory() as tmp:
         data = record_data(Path(tmp), args.trajectories)
-        print(machine_line())
-        print(f"SmolLM2-135M, batch {args.batch} x {args.accumulation}, max_length {args.max_length}, "
-              f"{args.steps} steps, load average {os.getloadavg()[0]:.1f}")
-        print(f"{'config':<11}{'threads':>8}{'examples':>9}{'tokens/s':>10}{'s/step':>8}{'peak GB':>9}{'loss':>14}")
+        report = Report("training", "SFT training throughput, SmolLM2-135M")
+        report.print(machine_line())
+        report.print(f"SmolLM2-135M, batch {args.batch} x {args.accumulation}, max_length {args.max_length}, "
+                     f"{args.steps} steps, load average {os.getloadavg()[0]:.1f}")
+        report.print(f"{'config':<11}{'threads':>8}{'examples':>9}{'tokens/s':>10}{'s/step':>8}{'peak GB':>9}"
+                     f"{'loss':>14}")
         for name in args.configs.split(","):
             bf16, lora = CONFIGS[name]
             for threads in (int(t) for t in args.threads.split(",")):
@@ -82,9 +87,10 @@ def main() -> None:
                     m = pool.apply(train_once, (data, output, bf16, lora, threads, args.steps, args))
                 curve = m["loss_curve"]
                 mark = "*" if bf16 == native_bf16() else ""
-                print(f"{name + mark:<11}{threads:>8}{m['examples']:>9}{m['tokens_per_second']:>10.1f}"
-                      f"{m['seconds'] / m['steps']:>8.1f}{m['peak_rss_gb']:>9.2f}"
-                      f"{curve[0]['loss']:>7.2f}->{curve[-1]['loss']:.2f}", flush=True)
+                report.print(f"{name + mark:<11}{threads:>8}{m['examples']:>9}{m['tokens_per_second']:>10.1f}"
+                             f"{m['seconds'] / m['steps']:>8.1f}{m['peak_rss_gb']:>9.2f}"
+                             f"{curve[0]['loss']:>7.2f}->{curve[-1]['loss']:.2f}")
+        report.write()
 
 
 if __name__ == "__main__":

@@ -115,7 +115,8 @@ def test_sand_iteration_deliberates_over_imported_data(imported, home):
         sand=SandConfig(iterations=1, self_consistency=False, writer_max_new_tokens=16))
     model, loop = build_model_assets(exp), build_loop_assets(exp)
     base_model, d0, sft_checkpoint = model[:3]
-    stages = [a for a in loop if not {k.path[-1] for k in a.keys} & {"finetuned_checkpoint", "evaluation"}]
+    trained = {"finetuned_checkpoint", "evaluation", "control_checkpoint", "control_evaluation"}
+    stages = [a for a in loop if not {k.path[-1] for k in a.keys} & trained]
     resources = {"store": StoreResource(home=str(home)), "sciworld": SciWorldResource(),
                  "alfworld": AlfWorldResource(), "compute": ComputeResource(torch_threads=1),
                  "pipes": PipesSubprocessClient()}

@@ -17,6 +17,7 @@ import polars as pl
 from sand.envs.base import Environment, TaskSpec
 from sand.errors import SandError
 from sand.models.backends import Backend, SamplingParams, adapter_key
+from sand.react import REPLY_STOP
 from sand.rollout import EpisodeRequest, EpisodeResult, RolloutEngine
 from sand.schemas import TRANSCRIPT
 from sand.worklog import WorkLog
@@ -126,7 +127,7 @@ def evaluate(backend: Backend, make_env: Callable[[], Environment], tasks: list[
     done = _recorded(log, identity)
     todo = list({(t.env, t.task_id): t for t in tasks if (t.env, t.task_id) not in done}.values())
     if todo:
-        params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens)
+        params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, stop=REPLY_STOP)
         with RolloutEngine(backend, make_env, pool_size, params, history_steps) as engine:
             requests = [EpisodeRequest(t, max_steps=_cap(max_steps, (task_max_steps or {}).get(t.task)),
                                        max_invalid_streak=max_invalid_streak) for t in todo]

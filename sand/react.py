@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from sand import prompts
 from sand.trajectory import Step
 
+# A reply ends at its action line; models go on to invent the observation (the parser reads the first action).
+REPLY_STOP = ("\nObservation",)
 _ACTION = re.compile(r"^[ \t]*\**Action\**[ \t]*:[ \t]*(.*?)[ \t]*$", re.MULTILINE | re.IGNORECASE)
 _THOUGHT = re.compile(r"^\s*\**Thought\**\s*:\s*(.*?)\s*(?=^\s*\**Action\**\s*:|\Z)",
                       re.MULTILINE | re.IGNORECASE | re.DOTALL)

@@ -13,6 +13,7 @@ from sand.models.serving import (
     critic_model,
 )
 from sand.preflight import check_experiment
+from sand.react import REPLY_STOP
 from sand.rollout import RolloutEngine
 from sand.runners.common import (
     Envs,
@@ -27,7 +28,6 @@ from sand.runners.common import (
 from sand.runners.inputs import checkpoint, previous_data
 from sand.sand_loop.critique import critique_candidates
 from sand.sand_loop.quality import critique_quality
-from sand.sand_loop.sampling import STOP
 from sand.sand_loop.tables import (
     candidates_from_frame,
     critiques_frame,
@@ -73,8 +73,8 @@ def critique(exp: Experiment, store: Store, k: int, backends: BackendFactory, en
             reported += len(new_critiques)
             log(f"{reported} of {total} critiques written")
 
-        params = SamplingParams(temperature=s.temperature, max_new_tokens=exp.evaluation.max_new_tokens, stop=STOP,
-                                seed=s.seed)
+        params = SamplingParams(temperature=s.temperature, max_new_tokens=exp.evaluation.max_new_tokens,
+                                stop=REPLY_STOP, seed=s.seed)
         with agent_backend(exp, store, checkpoint_ref, backends) as (backend, adapter), \
                 critic_backend(exp, backends, backend, adapter) as critic:
             for env_name in sorted({t.env for t in trajectories}):

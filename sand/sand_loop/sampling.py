@@ -12,13 +12,10 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from sand.models.backends import Backend, SamplingParams
-from sand.react import parse_reply
+from sand.react import REPLY_STOP, parse_reply
 from sand.rollout import agent_prompt
 from sand.sand_loop.actions import normalize
 from sand.trajectory import Trajectory
-
-# A reply ends at its action line; small models go on to invent the observation.
-STOP = ("\nObservation",)
 
 
 @dataclass
@@ -63,7 +60,7 @@ def sample_candidates(backend: Backend, trajectories: list[Trajectory], n: int =
     trajectory's new results as soon as all of its steps are sampled, so a caller can persist as it goes
     and a rerun with `done` skips them.
     """
-    params = SamplingParams(n=n, temperature=temperature, max_new_tokens=max_new_tokens, stop=STOP, seed=seed)
+    params = SamplingParams(n=n, temperature=temperature, max_new_tokens=max_new_tokens, stop=REPLY_STOP, seed=seed)
     jobs = [(t, i) for t in trajectories for i in range(len(t.steps)) if (t.id, i) not in done]
     remaining: dict[str, int] = {}
     for t, _ in jobs:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 from sand import cli
@@ -19,6 +20,7 @@ def cmd_run(args) -> None:
 
     from dagster import DagsterInstance
 
+    from jobs.console import progress_hooks, quiet
     from jobs.retraining import failure_rows
     from sand.machine import machine_line
     from sand.preflight import check_experiment
@@ -31,12 +33,19 @@ def cmd_run(args) -> None:
     if experiment is not None:
         check_experiment(experiment)  # Java, game data, base model: before any work starts
     store = Store()
+    started = datetime.now()
     # Two runs of one job would race for the same work logs and checkpoints: a second is refused at once.
-    holder = f"`sand run {args.job}` runs in pid {os.getpid()} since {datetime.now().isoformat(timespec='seconds')}"
+    holder = f"`sand run {args.job}` runs in pid {os.getpid()} since {started.isoformat(timespec='seconds')}"
+    log_path = store.home / "logs" / f"{args.job}-{started.strftime('%Y%m%d-%H%M%S')}.log"
     with store.lock(f"run/{args.job}", holder=holder), DagsterInstance.get() as instance:
         _fail_abandoned_runs(instance, store, args.job)
-        result = job.execute_in_process(instance=instance, raise_on_error=False, tags={
-            LAUNCHED_BY: "sand run", PID: str(os.getpid()), MACHINE: machine_line()})
+        with (quiet(log_path) if not args.verbose else nullcontext((sys.stdout, sys.stderr))) as (out, err):
+            if not args.verbose:
+                print(f"sand run {args.job}: {len(job.nodes_in_topological_order)} stages on {machine_line()}; "
+                      f"the full log is {log_path} (-v shows it here)", file=out, flush=True)
+            result = job.with_hooks(progress_hooks(out, len(job.nodes_in_topological_order))).execute_in_process(
+                instance=instance, raise_on_error=False,
+                tags={LAUNCHED_BY: "sand run", PID: str(os.getpid()), MACHINE: machine_line()})
         print(f"run {result.run_id}: {'succeeded' if result.success else 'FAILED'} (job {args.job}; "
               f"DAGSTER_HOME={os.environ['DAGSTER_HOME']})")
         print(stage_times(instance, result.run_id))
@@ -47,6 +56,8 @@ def cmd_run(args) -> None:
             store.record_run_failure(result.run_id, rows)
             for row in rows:
                 print(f"  failed: {row['step'] or 'the run'} {row['assets']}: {row['error']}", file=sys.stderr)
+            if not args.verbose:
+                print(f"  the full log: {log_path}", file=sys.stderr)
             raise SystemExit(1)
     if experiment is not None:
         print(format_report(store, args.job))
@@ -155,6 +166,7 @@ def add_commands(sub) -> None:
 
     p = sub.add_parser("run", help="run a Dagster job in this process, recorded in DAGSTER_HOME")
     p.add_argument("job", nargs="?", default="quickstart")
+    p.add_argument("-v", "--verbose", action="store_true", help="show the full log here (Dagster, libraries, JVMs)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("ui", help="start the Dagster UI (dagster dev) on this project")

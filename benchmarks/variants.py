@@ -35,13 +35,14 @@ from sand.store import Store  # noqa: E402
 QUICKSTART = Path(__file__).resolve().parent.parent / "experiments" / "quickstart.yaml"
 # name -> (settings changed from the quickstart, what the variant tests)
 VARIANTS: dict[str, tuple[dict, str]] = {
-    "default": ({}, "the quickstart as it ships"),
+    "default": ({}, "the quickstart as it ships: 4 of the 16 gold paths deliberated"),
+    "all_trajectories": ({"sand": {"trajectories": {"sciworld": None}}}, "all 16 gold paths deliberated"),
+    "all_outcome": ({"sand": {"trajectories": {"sciworld": None}, "thought_form": "outcome"}},
+                    "all 16 deliberated; evidence-written thoughts state outcomes, quote no observation"),
     "separated": ({"sand": {"deliberate": "separated"}},
                   "deliberate only where executing the candidates told them apart"),
     "outcome": ({"sand": {"thought_form": "outcome"}}, "evidence-written thoughts state outcomes, quote nothing"),
     "two_epochs": ({"train": {"iteration_epochs": [2]}}, "the SAND round (and its control) trains two epochs"),
-    "all_trajectories": ({"sand": {"trajectories": {"sciworld": None}}},
-                         "deliberate over all 16 gold paths, not 4"),
 }
 
 

@@ -12,6 +12,13 @@ os.environ.setdefault("ALFWORLD_DATA", str(REPO.parent / "shared" / "data" / "al
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+def pytest_collection_modifyitems(items):
+    """Modules that hold slow tests run first (the order is otherwise kept): the suite runs on one worker per core,
+    a file at a time (pyproject's addopts), and a long file started last would run alone at the end."""
+    slow = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow)
+
+
 def replay(env, task, actions: list[str]):
     """Reset `env` to `task` and execute `actions`; the StepResult of the last one."""
     from sand.envs.base import StepResult

@@ -1,6 +1,7 @@
 """The whole SAND loop as Dagster assets: tiny model, real ALFWorld games, a real Dagster instance and
 DuckDB catalog. Checks each stage's table, the lineage question, and that a rerun is a no-op."""
 import polars as pl
+import pytest
 from dagster import AssetCheckSeverity, PipesSubprocessClient, instance_for_test, materialize
 
 from resources import AlfWorldResource, ComputeResource, SciWorldResource, StoreResource
@@ -33,6 +34,7 @@ group by all
 """
 
 
+@pytest.mark.slow
 def test_one_sand_iteration_end_to_end(sand_home):
     exp = Experiment(
         name="tiny", base_model=str(tiny_model()), train_data={"alfworld": None},

@@ -1,5 +1,6 @@
 """SAND beyond one iteration: the unrolled asset graph of `iterations: 3` (which edges join the iterations), and
 two iterations run end to end with the tiny model, real ALFWorld games and a real Dagster instance."""
+import pytest
 from dagster import AssetCheckSeverity, PipesSubprocessClient, instance_for_test, materialize
 
 from resources import AlfWorldResource, ComputeResource, SciWorldResource, StoreResource
@@ -66,6 +67,7 @@ def test_three_iterations_chain_each_on_the_one_before():
     assert all(iteration_of(d) <= iteration_of(key) for key, ds in deps.items() for d in ds)
 
 
+@pytest.mark.slow
 def test_two_iterations_end_to_end(sand_home):
     exp = Experiment(
         name="tiny", base_model=str(tiny_model()), train_data={"alfworld": None},

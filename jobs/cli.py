@@ -30,8 +30,6 @@ def cmd_run(args) -> None:
 
     job = defs.resolve_job_def(args.job)
     experiment = next((e for e in experiments if e.name == args.job), None)
-    if experiment is not None:
-        check_experiment(experiment)  # Java, game data, base model: before any work starts
     store = Store()
     started = datetime.now()
     # Two runs of one job would race for the same work logs and checkpoints: a second is refused at once.
@@ -43,6 +41,8 @@ def cmd_run(args) -> None:
             if not args.verbose:
                 print(f"sand run {args.job}: {len(job.nodes_in_topological_order)} stages on {machine_line()}; "
                       f"the full log is {log_path} (-v shows it here)", file=out, flush=True)
+            if experiment is not None:
+                check_experiment(experiment)  # Java, game data, base model (converted once): before any work
             result = job.with_hooks(progress_hooks(out, len(job.nodes_in_topological_order))).execute_in_process(
                 instance=instance, raise_on_error=False,
                 tags={LAUNCHED_BY: "sand run", PID: str(os.getpid()), MACHINE: machine_line()})

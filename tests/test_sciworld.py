@@ -1,4 +1,5 @@
 """ScienceWorld with the real jar: one shared JVM for the module, short tasks only."""
+import os
 import subprocess
 
 import pytest
@@ -13,8 +14,10 @@ TASKS = ["find-plant", "lifespan-longest-lived", "measure-melting-point-known-su
 
 
 def java_pids() -> set[int]:
+    """The JVMs this process started (tests run in parallel: another worker's JVMs are not this test's)."""
     # pgrep exits 1 when no process matches.
-    out = subprocess.run(["pgrep", "-x", "java"], check=False, capture_output=True, text=True).stdout
+    out = subprocess.run(["pgrep", "-x", "java", "-P", str(os.getpid())], check=False, capture_output=True,
+                         text=True).stdout
     return {int(pid) for pid in out.split()}
 
 

@@ -37,7 +37,7 @@ def cmd_run(args) -> None:
     log_path = store.home / "logs" / f"{args.job}-{started.strftime('%Y%m%d-%H%M%S')}.log"
     with store.lock(f"run/{args.job}", holder=holder), DagsterInstance.get() as instance:
         _fail_abandoned_runs(instance, store, args.job)
-        with (quiet(log_path) if not args.verbose else nullcontext((sys.stdout, sys.stderr))) as (out, err):
+        with quiet(log_path) if not args.verbose else nullcontext(sys.stdout) as out:
             if not args.verbose:
                 print(f"sand run {args.job}: {len(job.nodes_in_topological_order)} stages on {machine_line()}; "
                       f"the full log is {log_path} (-v shows it here)", file=out, flush=True)

@@ -14,24 +14,23 @@ from dagster import DagsterEventType, HookContext, failure_hook, success_hook
 
 
 @contextmanager
-def quiet(log_path: Path) -> Iterator[tuple[TextIO, TextIO]]:
+def quiet(log_path: Path) -> Iterator[TextIO]:
     """Send file descriptors 1 and 2 (Python logging, warnings, C++ and child processes alike) to `log_path` and
-    yield the streams that still reach the terminal. When sys.stdout is not the process's own (a test capturing
-    it), output is left where it goes and the yielded streams are sys.stdout and sys.stderr."""
+    yield a stream that still reaches the terminal. When sys.stdout is not the process's own (a test capturing
+    it), output is left where it goes and the yielded stream is sys.stdout."""
     if sys.stdout is not sys.__stdout__ or sys.stderr is not sys.__stderr__:
-        yield sys.stdout, sys.stderr
+        yield sys.stdout
         return
     log_path.parent.mkdir(parents=True, exist_ok=True)
     sys.stdout.flush()
     sys.stderr.flush()
     saved = {fd: os.dup(fd) for fd in (1, 2)}
     out = os.fdopen(os.dup(saved[1]), "w", buffering=1)
-    err = os.fdopen(os.dup(saved[2]), "w", buffering=1)
     with open(log_path, "ab") as log:
         for fd in (1, 2):
             os.dup2(log.fileno(), fd)
     try:
-        yield out, err
+        yield out
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
@@ -39,7 +38,6 @@ def quiet(log_path: Path) -> Iterator[tuple[TextIO, TextIO]]:
             os.dup2(copy, fd)
             os.close(copy)
         out.close()
-        err.close()
 
 
 def progress_hooks(out: TextIO, total: int) -> set:

@@ -20,7 +20,7 @@ def noisy():
     return MaterializeResult(metadata={"dagster/row_count": 3})
 
 job = Definitions(assets=[noisy], jobs=[define_asset_job("j")]).resolve_job_def("j")
-with quiet(Path(sys.argv[1])) as (out, err):
+with quiet(Path(sys.argv[1])) as out:
     result = job.with_hooks(progress_hooks(out, 1)).execute_in_process(instance=DagsterInstance.ephemeral())
 print("after the run:", result.success)
 """

@@ -13,6 +13,15 @@ from sand.machine import machine, machine_line
 RESULTS = Path(__file__).resolve().parent.parent / "docs" / "results"
 
 
+def chosen(parser, text: str, known, what: str) -> list[str]:
+    """The names in a comma-separated option, each one of `known` (else the parser's usage error)."""
+    names = [n for n in text.split(",") if n]
+    unknown = sorted(set(names) - set(known))
+    if unknown:
+        parser.error(f"unknown {what} {', '.join(unknown)}: choose from {', '.join(known)}")
+    return names
+
+
 class Report:
     """Prints lines as a benchmark measures them, and writes them to the benchmark's results page at the end."""
 

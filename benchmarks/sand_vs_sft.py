@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass
 
 import polars as pl
+from results_page import chosen
 
 from sand.config import apply_defaults
 from sand.errors import SandError
@@ -134,7 +135,7 @@ def report(store: Store) -> str:
         cells = []
         for env, split in SPLITS:
             ci = bootstrap_ci(list(rewards(rows, agent, env, split).values()))
-            cells.append(f"{100 * ci.mean:.1f} [{100 * ci.lo:.1f}, {100 * ci.hi:.1f}] (n={ci.n})" if ci.n else "-")
+            cells.append(f"{ci.x100()} (n={ci.n})" if ci.n else "-")
         means = [bootstrap_ci(list(rewards(rows, agent, e, s).values())).mean for e, s in SPLITS]
         mine = rows.filter(experiment=agent.experiment, agent=agent.agent)
         avg = f"{100 * sum(means) / len(means):.1f}" if all(m == m for m in means) else "-"
@@ -151,12 +152,11 @@ def report(store: Store) -> str:
             cells = []
             for env, split in [*SPLITS, (None, None)]:
                 p = paired_comparison(rewards(rows, agent, env, split), rewards(rows, baseline, env, split))
-                cells.append(f"{100 * p.mean_diff:+.1f} [{100 * p.lo:+.1f}, {100 * p.hi:+.1f}] "
-                             f"{p.won}/{p.lost}/{p.tied}" if p.n else "-")
+                cells.append(f"{p.x100()} {p.won}/{p.lost}/{p.tied}" if p.n else "-")
             diffs.append(f"| {agent.label} | " + " | ".join(cells) + " |")
             p = paired_comparison(rewards(rows, agent), rewards(rows, baseline))
-            lines.append(f"{agent.label} vs {baseline.label}: {100 * p.mean_diff:+.1f} [{100 * p.lo:+.1f}, "
-                         f"{100 * p.hi:+.1f}] ({p.n} tasks, won/lost/tied {p.won}/{p.lost}/{p.tied})")
+            lines.append(f"{agent.label} vs {baseline.label}: {p.x100()} ({p.n} tasks, won/lost/tied "
+                         f"{p.won}/{p.lost}/{p.tied})")
     return "\n".join([*table, *diffs, "", *lines])
 
 
@@ -182,10 +182,7 @@ def main() -> None:
                         help=f"comma-separated agents to run (default: all: {','.join(AGENTS)})")
     parser.add_argument("--report-only", action="store_true", help="print the table of what is already evaluated")
     args = parser.parse_args()
-    agents = [a for a in args.agents.split(",") if a]
-    unknown = sorted(set(agents) - set(AGENTS))
-    if unknown:
-        parser.error(f"unknown agents {unknown}: choose from {', '.join(AGENTS)}")
+    agents = chosen(parser, args.agents, AGENTS, "agents")
     apply_defaults()
     store = Store()
     log_path = store.home / "benchmarks" / "sand_vs_sft-stages.jsonl"

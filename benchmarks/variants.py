@@ -23,14 +23,11 @@ import time
 from pathlib import Path
 
 import yaml
+from results_page import Report, chosen
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from results_page import Report  # noqa: E402
-
-from sand.config import apply_defaults, sand_home  # noqa: E402
-from sand.stats import bootstrap_ci, paired_comparison  # noqa: E402
-from sand.store import Store  # noqa: E402
+from sand.config import apply_defaults, sand_home
+from sand.stats import bootstrap_ci, paired_comparison
+from sand.store import Store
 
 QUICKSTART = Path(__file__).resolve().parent.parent / "experiments" / "quickstart.yaml"
 # name -> (settings changed from the quickstart, what the variant tests)
@@ -43,6 +40,9 @@ VARIANTS: dict[str, tuple[dict, str]] = {
                   "deliberate only where executing the candidates told them apart"),
     "outcome": ({"sand": {"thought_form": "outcome"}}, "evidence-written thoughts state outcomes, quote nothing"),
     "two_epochs": ({"train": {"iteration_epochs": [2]}}, "the SAND round (and its control) trains two epochs"),
+    "all_outcome_3ep": ({"sand": {"trajectories": {"sciworld": None}, "thought_form": "outcome"},
+                         "train": {"iteration_epochs": [3]}},
+                        "all_outcome, the SAND round (and its control) training three epochs, as the paper's first"),
 }
 
 
@@ -85,15 +85,12 @@ def rate(rows, agent: str) -> str:
 
 
 def paired(a: dict, b: dict) -> str:
-    if not a or not b:
-        return "-"
     p = paired_comparison(a, b)
-    return f"{100 * p.mean_diff:+.1f} [{100 * p.lo:+.1f}, {100 * p.hi:+.1f}] ({p.won}/{p.lost}/{p.tied})"
+    return f"{p.x100()} ({p.won}/{p.lost}/{p.tied})" if p.n else "-"
 
 
 def mean(values: dict) -> str:
-    ci = bootstrap_ci(list(values.values()))
-    return f"{100 * ci.mean:.1f} [{100 * ci.lo:.1f}, {100 * ci.hi:.1f}]" if ci.n else "-"
+    return bootstrap_ci(list(values.values())).x100()
 
 
 def report(names: list[str], out: Report) -> None:
@@ -132,10 +129,7 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, from: " + ", ".join(VARIANTS))
     parser.add_argument("--report-only", action="store_true", help="print the table of what has run")
     args = parser.parse_args()
-    names = [n for n in args.variants.split(",") if n]
-    unknown = sorted(set(names) - set(VARIANTS))
-    if unknown:
-        parser.error(f"unknown variants: {', '.join(unknown)}")
+    names = chosen(parser, args.variants, VARIANTS, "variants")
     apply_defaults()
     folder = sand_home() / "benchmarks" / "variants"
     write_experiments(folder)

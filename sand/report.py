@@ -124,8 +124,7 @@ def comparison_line(episodes: pl.DataFrame, agent: str, baseline: str, column: s
     p = paired_comparison(_rewards(episodes, agent, column), _rewards(episodes, baseline, column), seed=SEED)
     if not p.n:
         return f"{agent} vs {baseline}: no common tasks"
-    return (f"{agent} vs {baseline}: {100 * p.mean_diff:+.1f} [{100 * p.lo:+.1f}, {100 * p.hi:+.1f}] "
-            f"({p.n} tasks, won/lost/tied {p.won}/{p.lost}/{p.tied})")
+    return f"{agent} vs {baseline}: {p.x100()} ({p.n} tasks, won/lost/tied {p.won}/{p.lost}/{p.tied})"
 
 
 def record_uncertainty(store: Store, experiment: str, agent: str, lineage: Lineage) -> dict[str, float | int]:

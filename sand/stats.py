@@ -23,6 +23,10 @@ class Interval:
     hi: float
     n: int
 
+    def x100(self) -> str:
+        """`mean [lo, hi]` with rewards in [0, 1] shown x100; "-" with no values."""
+        return f"{100 * self.mean:.1f} [{100 * self.lo:.1f}, {100 * self.hi:.1f}]" if self.n else "-"
+
 
 @dataclass(frozen=True)
 class Paired:
@@ -35,6 +39,10 @@ class Paired:
     lost: int
     tied: int
     n: int
+
+    def x100(self) -> str:
+        """`+diff [lo, hi]` with rewards in [0, 1] shown x100; "-" with no common task."""
+        return f"{100 * self.mean_diff:+.1f} [{100 * self.lo:+.1f}, {100 * self.hi:+.1f}]" if self.n else "-"
 
 
 def bootstrap_ci(values: Sequence[float], *, n_boot: int = N_BOOT, level: float = LEVEL, seed: int = 0) -> Interval:

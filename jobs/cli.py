@@ -1,14 +1,17 @@
-"""The `sand` command: the engine's commands (sand.cli) and the two that need the Dagster definitions, `run` (a
-job in this process, recorded in DAGSTER_HOME) and `ui` (dagster dev on this project). Its `import` runs through
-Dagster (jobs import_eto, then compose_expert), so an import is recorded exactly like an inbox import."""
+"""`sand`: import, export and query trajectory datasets, run experiments as Dagster jobs, report on them, start
+the UI. `run` and `import` run Dagster jobs in this process, recorded in DAGSTER_HOME (an import exactly like an
+inbox import); the other commands read and write the store through the engine (sand/)."""
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from contextlib import nullcontext
 from pathlib import Path
 
-from sand import cli
+from sand.config import apply_defaults
+from sand.errors import SandError
+from sand.trajectory import ENVS
 
 LAUNCHED_BY = "sand/launched_by"  # tags of a `sand run` run: which command, the process that runs it, the machine
 PID = "sand/pid"
@@ -97,11 +100,13 @@ def _fail_abandoned_runs(instance, store, job: str) -> None:
 def cmd_import(args) -> None:
     """Partition `<env>/<file name>` of imported_trajectories from the file where it is (job import_eto, its run
     config naming the path), then expert_trajectories with its check (job compose_expert), in this process and
-    recorded in DAGSTER_HOME; a rejected file fails the first run and stores nothing."""
+    recorded in DAGSTER_HOME; a rejected file fails the first run and stores nothing. `--direct`: the same import
+    written by the engine alone, no Dagster run recorded."""
+    if args.direct:
+        return _import_direct(args)
     from dagster import DagsterInstance
 
     from jobs.expert_data import compose_expert_job, import_job
-    from sand.errors import SandError
     from sand.store import Store
     from sand_assets.expert_data import eto_inbox_partitions
 
@@ -120,10 +125,23 @@ def cmd_import(args) -> None:
     imported, expert = imported["imported_trajectories"], expert["expert_trajectories"]
     print(f"imported {imported['dagster/row_count']} {args.env} trajectories from {args.path} as "
           f"'{imported['dataset']}' (version {imported['version']}{'' if imported['new_version'] else ', unchanged'})")
-    cli._print_resolution(store.read("source_trajectories", imported["dataset"], imported["version"]))
+    _print_resolution(store.read("source_trajectories", imported["dataset"], imported["version"]))
     print(f"expert set: {expert['dagster/row_count']} trajectories (version {expert['version']})")
     print(f"runs: {import_job.name} {import_run} (partition {key}), {compose_expert_job.name} {expert_run} "
           f"(DAGSTER_HOME={os.environ['DAGSTER_HOME']})")
+
+
+def _import_direct(args) -> None:
+    from sand import datasets
+    from sand.formats import resolve
+    from sand.store import Lineage, Store
+
+    imported, expert = datasets.import_into_expert(Store(), args.path, args.env, Lineage(asset="cli:import"),
+                                                   open_env=None if args.no_resolve else resolve.open_env)
+    print(f"imported {imported.row_count} {args.env} trajectories from {args.path} as "
+          f"'{imported.ref.dataset}' (version {imported.ref.version}{'' if imported.created else ', unchanged'})")
+    _print_resolution(imported.rows)
+    print(f"expert set: {expert.row_count} trajectories (version {expert.ref.version})")
 
 
 def _execute(instance, store, job_name: str, tags: dict, **kwargs) -> tuple[dict[str, dict], str]:
@@ -131,7 +149,6 @@ def _execute(instance, store, job_name: str, tags: dict, **kwargs) -> tuple[dict
     asset it materialized, and its run id. A failed run is recorded in the catalog's run_failures and raises
     SandError with what failed (a Failure's description names the file and record)."""
     from jobs.retraining import failure_rows, innermost_error
-    from sand.errors import SandError
     from sand_assets.definitions import defs
 
     # The console shows this command's lines, not Dagster's events (the run's event log keeps them all).
@@ -161,8 +178,105 @@ def cmd_ui(args) -> None:
     os.execv(sys.executable, [sys.executable, "-m", "dagster", "dev", *target, "-p", str(args.port)])
 
 
-def add_commands(sub) -> None:
-    sub.choices["import"].set_defaults(func=cmd_import)  # the engine's arguments, recorded through Dagster
+def _print_resolution(rows) -> None:
+    """How many of these imported trajectories (a stored frame) were matched, replayed faithfully, diverged,
+    unmatched, per environment."""
+    from sand.formats import resolve
+    from sand.trajectory import from_frame
+
+    for env, c in resolve.counts(from_frame(rows)).items():
+        print(f"  {env}: matched {c['matched']}, replayed faithfully {c['replayed']}, diverged {c['diverged']}, "
+              f"unmatched {c['unmatched']}")
+
+
+def cmd_resolve(args) -> None:
+    from sand import datasets
+    from sand.formats import resolve
+    from sand.store import Lineage, Store
+
+    store = Store()
+    written = datasets.resolve_imports(store, resolve.open_env, Lineage(asset="cli:resolve"), args.dataset or None)
+    for w in written:
+        print(f"'{w.ref.dataset}': version {w.ref.version}{'' if w.created else ' (unchanged)'}")
+        _print_resolution(w.rows)
+    if written:
+        expert = datasets.compose_expert(store, Lineage(asset="cli:resolve"))
+        print(f"expert set: {expert.row_count} trajectories (version {expert.ref.version})")
+
+
+def cmd_export(args) -> None:
+    from sand import datasets
+    from sand.store import Store
+
+    path, n = datasets.export_eto(Store(), args.path, dataset=args.dataset, env=args.env, table=args.table,
+                                  strip=args.strip)
+    print(f"wrote {n} trajectories to {path}")
+
+
+def cmd_sql(args) -> None:
+    import polars as pl
+
+    from sand.store import Store
+
+    df = Store().sql(args.query)
+    if args.format == "csv":
+        sys.stdout.write(df.write_csv())
+    elif args.format == "json":
+        sys.stdout.write(df.write_ndjson())
+    else:
+        with pl.Config(tbl_rows=args.max_rows, tbl_cols=-1, fmt_str_lengths=60, tbl_hide_dataframe_shape=True,
+                       tbl_hide_column_data_types=True, tbl_hide_dtype_separator=True):
+            print(df)
+
+
+def cmd_report(args) -> None:
+    from sand.report import format_report
+    from sand.store import Store
+
+    print(format_report(Store(), args.experiment, vs=args.vs))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sand", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("import", help="validate an ETO/ShareGPT file (JSON or JSONL) and add it to the expert set")
+    p.add_argument("path")
+    p.add_argument("--env", required=True, choices=ENVS)
+    p.add_argument("--no-resolve", action="store_true",
+                   help="skip matching each trajectory to its task and verifying it by replay (`sand resolve` "
+                        "does it later); unresolved trajectories are trained on but never deliberated")
+    p.add_argument("--direct", action="store_true",
+                   help="write the store through the engine alone, without recording Dagster runs")
+    p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("resolve", help="match imported trajectories to their environment tasks again and verify "
+                                       "them by replay (after new game files, or an import with --no-resolve)")
+    p.add_argument("--dataset", action="append", help="an imported source dataset (repeatable; default: all)")
+    p.set_defaults(func=cmd_resolve)
+
+    p = sub.add_parser("export", help="write a trajectory dataset as an ETO file (.json or .jsonl)")
+    p.add_argument("path")
+    p.add_argument("--dataset", default="expert")
+    p.add_argument("--table", default="trajectories", choices=["trajectories", "source_trajectories"])
+    p.add_argument("--env", choices=ENVS)
+    p.add_argument("--strip", action="store_true",
+                   help="only ids and conversations, as ETO publishes data (no task id, split, source, reward; "
+                        "ids become <env>_<n>)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("sql", help="query the catalog (views: trajectories, steps, lineage, ...)")
+    p.add_argument("query")
+    p.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    p.add_argument("--max-rows", type=int, default=50)
+    p.set_defaults(func=cmd_sql)
+
+    p = sub.add_parser("report", help="an experiment's scoreboard with 95%% bootstrap intervals, and paired "
+                                      "comparisons of its agents (base, sft, iter_k) per env/split")
+    p.add_argument("experiment", nargs="?", default="quickstart")
+    p.add_argument("--vs", action="append", metavar="AGENT",
+                   help="compare every agent with this one (repeatable; default: each with those before it)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("run", help="run a Dagster job in this process, recorded in DAGSTER_HOME")
     p.add_argument("job", nargs="?", default="quickstart")
@@ -172,10 +286,21 @@ def add_commands(sub) -> None:
     p = sub.add_parser("ui", help="start the Dagster UI (dagster dev) on this project")
     p.add_argument("--port", type=int, default=3000)
     p.set_defaults(func=cmd_ui)
+    return parser
+
 
 
 def main(argv: list[str] | None = None) -> None:
-    cli.main(argv, extend=add_commands)
+    args = build_parser().parse_args(argv)
+    apply_defaults()
+    try:
+        args.func(args)
+    except SandError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except BrokenPipeError:  # the reader went away (`sand sql ... | head`): stop quietly, as shell tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush cannot fail again
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

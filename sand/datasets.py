@@ -40,6 +40,15 @@ def import_eto(store: Store, path: str | Path, env: str, lineage: Lineage,
         return _write_source(store, dataset, to_frame(trajectories), lineage)
 
 
+def import_into_expert(store: Store, path: str | Path, env: str, lineage: Lineage,
+                       open_env: Callable[[str], Environment] | None = None) -> tuple[WriteResult, WriteResult]:
+    """`import_eto`, then `compose_expert`, as one step (a concurrent import waits): the import's and the new
+    expert set's write results. What the `imported_trajectories` and `expert_trajectories` assets do in two runs,
+    without Dagster."""
+    with store.lock(EXPERT):
+        return import_eto(store, path, env, lineage, open_env), compose_expert(store, lineage)
+
+
 def resolve_imports(store: Store, open_env: Callable[[str], Environment], lineage: Lineage,
                     names: list[str] | None = None) -> list[WriteResult]:
     """Resolve and verify again the imported source datasets (`names`, default: every `import/...`), each

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from jobs import cli as jobs_cli
-from sand import cli, docs
+from sand import docs
 
 REPO = Path(__file__).resolve().parent.parent
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
@@ -74,7 +74,7 @@ def sand_commands(text: str) -> list[list[str]]:
 
 def parse_error(args: list[str]) -> str | None:
     """None if the installed `sand` command accepts `args`, else argparse's complaint."""
-    parser = cli.build_parser(jobs_cli.add_commands)
+    parser = jobs_cli.build_parser()
     stderr = io.StringIO()
     try:
         with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):

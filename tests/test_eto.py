@@ -75,20 +75,20 @@ def test_import_compose_and_export(sand_home, tmp_path):
 
 
 def sand(*args, env):
-    return subprocess.run([sys.executable, "-m", "sand.cli", *args], capture_output=True, text=True, env=env)
+    return subprocess.run([sys.executable, "-m", "jobs.cli", *args], capture_output=True, text=True, env=env)
 
 
 def test_cli_import_sql_and_rejection(sand_home, tmp_path):
     import os
 
     env = {**os.environ}
-    ok = sand("import", str(SAMPLE), "--env", "alfworld", env=env)
+    ok = sand("import", str(SAMPLE), "--env", "alfworld", "--direct", env=env)
     assert ok.returncode == 0, ok.stderr
     assert "imported 2 alfworld trajectories" in ok.stdout
     count = sand("sql", "select count(*) as n from trajectories where env = 'alfworld'", "--format", "csv", env=env)
     assert count.stdout.splitlines() == ["n", "2"]
     # A reader that stops early (`sand sql ... | head -1`) ends the command quietly, without a traceback.
-    sql = subprocess.Popen([sys.executable, "-m", "sand.cli", "sql", "select * from trajectories, range(2000)"],
+    sql = subprocess.Popen([sys.executable, "-m", "jobs.cli", "sql", "select * from trajectories, range(2000)"],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     sql.stdout.readline()
     sql.stdout.close()
@@ -96,7 +96,7 @@ def test_cli_import_sql_and_rejection(sand_home, tmp_path):
 
     bad = _broken(tmp_path, lambda r: r[1]["conversations"][5].update({"value": "no action here"}))
     before = sorted(p.name for p in sand_home.rglob("*.parquet"))
-    rejected = sand("import", bad, "--env", "alfworld", env=env)
+    rejected = sand("import", bad, "--env", "alfworld", "--direct", env=env)
     assert rejected.returncode != 0
     assert "alfworld_demo_1" in rejected.stderr and "conversations[5].value" in rejected.stderr
     assert "Traceback" not in rejected.stderr

@@ -12,8 +12,8 @@ import duckdb
 import polars as pl
 import pytest
 
+from jobs.cli import main
 from sand import datasets
-from sand.cli import main
 from sand.errors import SandError
 from sand.store import Lineage, Store
 from sand.worklog import WorkLog
@@ -34,6 +34,9 @@ def eto_file(path, ids, value_size=0):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(records))
     return path
+
+
+DIRECT = ("--env", "alfworld", "--direct")  # the engine's import: what these tests are about
 
 
 @pytest.fixture
@@ -61,35 +64,35 @@ def expert_ids(home):
 # --- imports: all or nothing ------------------------------------------------------------------------
 
 def test_rejected_import_stores_nothing_and_later_imports_work(sand_home, tmp_path, run_sand):
-    assert run_sand("import", str(eto_file(tmp_path / "a.json", ["x", "y"])), "--env", "alfworld")[0] == 0
-    code, _, err = run_sand("import", str(eto_file(tmp_path / "b.json", ["z", "x"])), "--env", "alfworld")
+    assert run_sand("import", str(eto_file(tmp_path / "a.json", ["x", "y"])), *DIRECT)[0] == 0
+    code, _, err = run_sand("import", str(eto_file(tmp_path / "b.json", ["z", "x"])), *DIRECT)
     assert code == 2 and "'x'" in err and "import/a" in err and "Traceback" not in err
     store = Store(sand_home)
     assert store.head("source_trajectories", "import/b") is None  # nothing of the rejected file was stored
-    code, _, err = run_sand("import", str(eto_file(tmp_path / "c.json", ["w"])), "--env", "alfworld")
+    code, _, err = run_sand("import", str(eto_file(tmp_path / "c.json", ["w"])), *DIRECT)
     assert code == 0, err
     assert expert_ids(sand_home) == ["w", "x", "y"]
 
 
 def test_same_file_name_from_another_folder_is_refused(sand_home, tmp_path, run_sand):
     first = eto_file(tmp_path / "one" / "demo.json", ["a"])
-    assert run_sand("import", str(first), "--env", "alfworld")[0] == 0
-    code, _, err = run_sand("import", str(eto_file(tmp_path / "two" / "demo.json", ["b"])), "--env", "alfworld")
+    assert run_sand("import", str(first), *DIRECT)[0] == 0
+    code, _, err = run_sand("import", str(eto_file(tmp_path / "two" / "demo.json", ["b"])), *DIRECT)
     assert code == 2 and str(first) in err and "rename" in err
     assert expert_ids(sand_home) == ["a"]
     eto_file(first, ["a", "c"])  # the same file again, changed: a new version replaces the old
-    assert run_sand("import", str(first), "--env", "alfworld")[0] == 0
+    assert run_sand("import", str(first), *DIRECT)[0] == 0
     assert expert_ids(sand_home) == ["a", "c"]
 
 
 def test_import_size_limits(sand_home, tmp_path, run_sand):
     big = eto_file(tmp_path / "big.json", ["a"], value_size=3000)
-    code, _, err = run_sand("import", str(big), "--env", "alfworld", env={"SAND_IMPORT_MAX_MB": "0.002"})
+    code, _, err = run_sand("import", str(big), *DIRECT, env={"SAND_IMPORT_MAX_MB": "0.002"})
     assert code == 2 and "SAND_IMPORT_MAX_MB" in err
-    code, _, err = run_sand("import", str(big), "--env", "alfworld", env={"SAND_IMPORT_MAX_FIELD_CHARS": "1000"})
+    code, _, err = run_sand("import", str(big), *DIRECT, env={"SAND_IMPORT_MAX_FIELD_CHARS": "1000"})
     assert code == 2 and "conversations[4].value" in err and "SAND_IMPORT_MAX_FIELD_CHARS" in err
     assert Store(sand_home).datasets("source_trajectories") == []
-    assert run_sand("import", str(big), "--env", "alfworld")[0] == 0  # within the defaults
+    assert run_sand("import", str(big), *DIRECT)[0] == 0  # within the defaults
 
 
 def test_a_source_that_clashes_is_not_stored(sand_home):
@@ -106,11 +109,11 @@ def test_a_source_that_clashes_is_not_stored(sand_home):
 
 IMPORTER = textwrap.dedent("""
     import sys, time
-    from sand.cli import main
+    from jobs.cli import main
     start = float(sys.argv[1])
     time.sleep(max(0.0, start - time.time()))  # all processes begin together
     for path in sys.argv[2:]:
-        main(["import", path, "--env", "alfworld"])
+        main(["import", path, "--env", "alfworld", "--direct"])
 """)
 
 
@@ -174,7 +177,7 @@ def test_tables_committed_together_survive_a_kill(tmp_path):
 
 @pytest.fixture
 def imported(sand_home, tmp_path, run_sand):
-    assert run_sand("import", str(eto_file(tmp_path / "a.json", ["x", "y"])), "--env", "alfworld")[0] == 0
+    assert run_sand("import", str(eto_file(tmp_path / "a.json", ["x", "y"])), *DIRECT)[0] == 0
     return sand_home
 
 
@@ -212,11 +215,11 @@ def test_damaged_catalog_is_rebuilt_and_never_blocks_readers(imported, tmp_path,
         code, out, err = run_sand("sql", "select count(*) as n from trajectories", "--format", "csv")
         assert code == 0 and out.split() == ["n", "2"], err
         assert time.monotonic() - start < 20
-        assert run_sand("import", str(eto_file(tmp_path / "b.json", ["z"])), "--env", "alfworld")[0] == 0
+        assert run_sand("import", str(eto_file(tmp_path / "b.json", ["z"])), *DIRECT)[0] == 0
     finally:
         holder.communicate("")
     # The next write rebuilds the catalog's views from the Parquet files.
-    assert run_sand("import", str(eto_file(tmp_path / "c.json", ["w"])), "--env", "alfworld")[0] == 0
+    assert run_sand("import", str(eto_file(tmp_path / "c.json", ["w"])), *DIRECT)[0] == 0
     with duckdb.connect(str(imported / "catalog.duckdb"), read_only=True) as con:
         kinds = dict(con.execute("select table_name, table_type from information_schema.tables").fetchall())
         assert kinds["evaluations"] == "VIEW" and kinds["trajectories"] == "VIEW"
@@ -225,7 +228,7 @@ def test_damaged_catalog_is_rebuilt_and_never_blocks_readers(imported, tmp_path,
 
 def test_catalog_that_is_not_a_database_is_rebuilt(imported, tmp_path, run_sand):
     (imported / "catalog.duckdb").write_bytes(b"garbage" * 100)
-    assert run_sand("import", str(eto_file(tmp_path / "b.json", ["z"])), "--env", "alfworld")[0] == 0
+    assert run_sand("import", str(eto_file(tmp_path / "b.json", ["z"])), *DIRECT)[0] == 0
     with duckdb.connect(str(imported / "catalog.duckdb"), read_only=True) as con:
         assert con.execute("select count(*) from trajectories").fetchone() == (3,)
 
@@ -235,7 +238,7 @@ def test_catalog_that_is_not_a_database_is_rebuilt(imported, tmp_path, run_sand)
 def test_noop_rerun_adds_no_lineage(sand_home, tmp_path, run_sand):
     path = eto_file(tmp_path / "a.json", ["x"])
     for _ in range(2):
-        assert run_sand("import", str(path), "--env", "alfworld")[0] == 0
+        assert run_sand("import", str(path), *DIRECT)[0] == 0
     assert Store(sand_home).sql("select count(*) from lineage").item() == 2  # the source and D_0, once each
 
 

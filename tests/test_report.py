@@ -3,7 +3,7 @@ beside them (`agent_comparison`), and the scoreboard and report built on them.""
 import polars as pl
 import pytest
 
-from sand.cli import main
+from jobs.cli import main
 from sand.errors import SandError
 from sand.report import comparisons, record_uncertainty, scoreboard
 from sand.stats import bootstrap_ci, paired_comparison

@@ -1,6 +1,7 @@
 """The Dagster UI in a real browser: `dagster dev` on 127.0.0.1 over a SAND_HOME built here with the tiny model,
 driven by headless Chromium (the system's `chromium`, through Playwright: no browser download). Screenshots land
-in test-artifacts/ui/."""
+in test-artifacts/ui/; with SAND_DOCS_IMAGES=1 the asset graph and the scoreboard also replace the documentation's
+pictures in docs/images/."""
 import contextlib
 import os
 import shutil
@@ -24,6 +25,7 @@ from tests.conftest import REPO
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACTS = REPO / "test-artifacts" / "ui"
+DOCS_IMAGES = REPO / "docs" / "images"
 TINY = """
 train_data: {alfworld: null}
 evaluation:
@@ -124,13 +126,20 @@ def settled(page) -> None:
                            "a => a.playState !== 'running' || a.effect.getTiming().iterations === Infinity)")
 
 
+def shoot(page, name: str, docs: bool = False) -> None:
+    page.screenshot(path=ARTIFACTS / name)
+    if docs and os.environ.get("SAND_DOCS_IMAGES") == "1":
+        DOCS_IMAGES.mkdir(exist_ok=True)
+        shutil.copyfile(ARTIFACTS / name, DOCS_IMAGES / name)
+
+
 def test_asset_graph_shows_the_loop(ui, page):
     url, _ = ui
     page.goto(f"{url}/locations/sand_assets.definitions/asset-groups/tiny/lineage")
     for name in ("base_model", "d0", "sft_checkpoint", "candidate_samples", "rollouts", "action_critiques",
                  "deliberations", "scoreboard"):
         page.get_by_text(name, exact=True).first.wait_for()
-    page.screenshot(path=ARTIFACTS / "asset_graph.png")
+    shoot(page, "asset_graph.png", docs=True)
 
 
 def test_scoreboard_renders_and_materializes_from_the_ui(ui, page):
@@ -144,7 +153,7 @@ def test_scoreboard_renders_and_materializes_from_the_ui(ui, page):
     chart.wait_for()
     assert chart.evaluate("img => img.naturalWidth") > 100  # the embedded PNG decoded
     settled(page)
-    page.screenshot(path=ARTIFACTS / "scoreboard.png")
+    shoot(page, "scoreboard.png", docs=True)
     dialog.get_by_role("button", name="Close").click()
 
     from_ui = RunsFilter(tags={"dagster/from_ui": "true"})
@@ -161,4 +170,4 @@ def test_scoreboard_renders_and_materializes_from_the_ui(ui, page):
     assert run.status == DagsterRunStatus.SUCCESS and run.asset_selection == {AssetKey(["tiny", "scoreboard"])}
     page.goto(f"{url}/runs/{run.run_id}")
     page.get_by_text("Success", exact=False).first.wait_for()
-    page.screenshot(path=ARTIFACTS / "materialized_from_ui.png")
+    shoot(page, "materialized_from_ui.png")

@@ -101,7 +101,9 @@ def cmd_import(args) -> None:
     """Partition `<env>/<file name>` of imported_trajectories from the file where it is (job import_eto, its run
     config naming the path), then expert_trajectories with its check (job compose_expert), in this process and
     recorded in DAGSTER_HOME; a rejected file fails the first run and stores nothing. `--direct`: the same import
-    written by the engine alone, no Dagster run recorded."""
+    written by the engine alone, no Dagster run recorded. `--dry-run`: neither."""
+    if args.dry_run:
+        return _dry_run(args)
     if args.direct:
         return _import_direct(args)
     from dagster import DagsterInstance
@@ -142,6 +144,33 @@ def _import_direct(args) -> None:
           f"'{imported.ref.dataset}' (version {imported.ref.version}{'' if imported.created else ', unchanged'})")
     _print_resolution(imported.rows)
     print(f"expert set: {expert.row_count} trajectories (version {expert.ref.version})")
+
+
+DRY_RUN_RECORDS = 5
+
+
+def _dry_run(args) -> None:
+    """What an import of the file would store, before resolution: the whole file is read and validated, the first
+    records are shown (task, steps, first action, and the instruction: a conversation read with its turns shifted
+    shows an observation there), and neither the store nor Dagster is touched."""
+    from sand.datasets import import_dataset_name
+    from sand.formats import eto
+
+    trajectories = eto.load_eto(args.path, args.env)
+    print(f"dry run: {len(trajectories)} {args.env} trajectories from {args.path} would be imported as "
+          f"'{import_dataset_name(args.path)}'; nothing was stored")
+    for t in trajectories[:DRY_RUN_RECORDS]:
+        print(f"  {t.id}: task {t.task}, {len(t.steps)} steps, first action {t.steps[0].action!r}")
+        print(f"    instruction: {_shorten(t.instruction)}")
+    if len(trajectories) > DRY_RUN_RECORDS:
+        print(f"  ... and {len(trajectories) - DRY_RUN_RECORDS} more")
+
+
+def _shorten(text: str, width: int = 160) -> str:
+    """`text` on one line, its middle left out when long: a task sentence may open it (ScienceWorld) or end it
+    (ALFWorld, after the room)."""
+    text = " ".join(text.split())
+    return text if len(text) <= width else f"{text[:width // 2 - 2]} ... {text[-(width // 2 - 3):]}"
 
 
 def _execute(instance, store, job_name: str, tags: dict, **kwargs) -> tuple[dict[str, dict], str]:
@@ -240,7 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sand", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("import", help="validate an ETO/ShareGPT file (JSON or JSONL) and add it to the expert set")
+    p = sub.add_parser("import", help="validate a trajectory file (ETO/ShareGPT `conversations` or chat `messages`; "
+                                      "JSON, JSONL or Parquet) and add it to the expert set")
     p.add_argument("path")
     p.add_argument("--env", required=True, choices=ENVS)
     p.add_argument("--no-resolve", action="store_true",
@@ -248,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "does it later); unresolved trajectories are trained on but never deliberated")
     p.add_argument("--direct", action="store_true",
                    help="write the store through the engine alone, without recording Dagster runs")
+    p.add_argument("--dry-run", action="store_true",
+                   help=f"validate the file and print what would be stored for the first {DRY_RUN_RECORDS} records "
+                        "(task, steps, first action); store nothing")
     p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("resolve", help="match imported trajectories to their environment tasks again and verify "

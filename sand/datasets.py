@@ -22,11 +22,11 @@ def import_dataset_name(path: str | Path) -> str:
 
 def import_eto(store: Store, path: str | Path, env: str, lineage: Lineage,
                open_env: Callable[[str], Environment] | None = None) -> WriteResult:
-    """Validate an ETO file and store it as source dataset `import/<file stem>`. All or nothing: every
-    record, the size limits, the file's origin and its ids against every other source (so the expert
-    set can be composed) are checked before anything is stored. With `open_env` (an environment by name),
-    each trajectory's task is resolved and its replay verified first (sand.formats.resolve); without, they
-    are marked pending (`resolve_imports` does it later)."""
+    """Validate a trajectory file (any format sand.formats.eto reads) and store it as source dataset
+    `import/<file stem>`. All or nothing: every record, the size limits, the file's origin and its ids against
+    every other source (so the expert set can be composed) are checked before anything is stored. With
+    `open_env` (an environment by name), each trajectory's task is resolved and its replay verified first
+    (sand.formats.resolve); without, they are marked pending (`resolve_imports` does it later)."""
     path = Path(path).resolve()
     trajectories = eto.load_eto(path, env)
     trajectories = resolve.resolve(trajectories, open_env) if open_env else resolve.pending(trajectories)

@@ -32,7 +32,7 @@ from sand_assets.common import dataset_result, lineage_for, work_dir
 
 GROUP = "expert_data"
 
-# One partition per ETO file dropped into SAND_HOME/inbox/<env>/; key "<env>/<file name>".
+# One partition per trajectory file dropped into SAND_HOME/inbox/<env>/; key "<env>/<file name>".
 eto_inbox_partitions = DynamicPartitionsDefinition(name="eto_inbox")
 
 
@@ -162,9 +162,9 @@ class ImportConfig(Config):
                                  "sand.envs.sciworld", "sand.envs.alfworld", prompts=True))
 def imported_trajectories(context: AssetExecutionContext, config: ImportConfig, store: StoreResource,
                           sciworld: SciWorldResource, alfworld: AlfWorldResource) -> MaterializeResult:
-    """An ETO/ShareGPT file from the inbox (or the run config's `path`: `sand import`), validated record by
-    record (a bad file stores nothing); each trajectory is matched to its environment task and verified by
-    replay."""
+    """A trajectory file (ETO/ShareGPT or chat messages; JSON, JSONL or Parquet: sand.formats.eto) from the inbox
+    (or the run config's `path`: `sand import`), validated record by record (a bad file stores nothing); each
+    trajectory is matched to its environment task and verified by replay."""
     env, name = context.partition_key.split("/", 1)
     path = Path(config.path) if config.path else store.inbox(env) / name
     if path.name != name:

@@ -86,24 +86,29 @@ def drop(home, name, records=None):
     return path
 
 
-def run_sensor(instance: DagsterInstance, home):
-    ctx = build_sensor_context(instance=instance, resources={"store": StoreResource(home=str(home))})
+def run_sensor(instance: DagsterInstance, home, cursor: str | None = None):
+    ctx = build_sensor_context(instance=instance, cursor=cursor, resources={"store": StoreResource(home=str(home))})
     result = eto_inbox_sensor(ctx)
     for request in result.dynamic_partitions_requests:
         instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
     return result
 
 
+def run_sensor_twice(instance: DagsterInstance, home):
+    """Two evaluations, the second with the first's cursor: a file unchanged in between has settled."""
+    return run_sensor(instance, home, run_sensor(instance, home).cursor)
+
+
 def test_inbox_sensor_imports_and_triggers_expert_refresh(sand_home):
     with instance_for_test() as instance:
         assert run_sensor(instance, sand_home).run_requests == []
         drop(sand_home, "demo.json")
-        result = run_sensor(instance, sand_home)
+        result = run_sensor_twice(instance, sand_home)
         [request] = result.run_requests
         assert request.partition_key == "alfworld/demo.json"
         assert instance.get_dynamic_partitions(eto_inbox_partitions.name) == ["alfworld/demo.json"]
         # Unchanged file: the same run key, which Dagster never runs twice.
-        assert run_sensor(instance, sand_home).run_requests[0].run_key == request.run_key
+        assert run_sensor(instance, sand_home, result.cursor).run_requests[0].run_key == request.run_key
 
         automation_defs = Definitions(assets=[imported_trajectories, expert_trajectories],
                                       resources=resources(sand_home))
@@ -125,7 +130,7 @@ def test_inbox_sensor_imports_and_triggers_expert_refresh(sand_home):
         records = json.loads((DATA / "eto_alfworld_sample.json").read_text())
         records[0]["conversations"][3]["value"] = "I go somewhere"
         drop(sand_home, "demo.json", records)
-        [changed] = run_sensor(instance, sand_home).run_requests
+        [changed] = run_sensor_twice(instance, sand_home).run_requests
         assert changed.run_key != request.run_key
         failed = materialize([imported_trajectories], partition_key="alfworld/demo.json",
                              resources=resources(sand_home), instance=instance, raise_on_error=False)
@@ -133,11 +138,40 @@ def test_inbox_sensor_imports_and_triggers_expert_refresh(sand_home):
         assert store.read("source_trajectories", "import/demo").height == 2  # the earlier version stays current
 
 
-@pytest.mark.parametrize("name", ["notes.txt", ".hidden.json"])
+@pytest.mark.parametrize("name", ["notes.txt", ".hidden.json", ".copying.parquet"])
 def test_inbox_sensor_ignores_other_files(sand_home, name):
     with instance_for_test() as instance:
         (StoreResource(home=str(sand_home)).inbox("sciworld") / name).write_text("{}")
-        assert run_sensor(instance, sand_home).run_requests == []
+        assert run_sensor_twice(instance, sand_home).run_requests == []
+
+
+def test_inbox_sensor_waits_for_a_copy_to_settle(sand_home):
+    """A file is imported only once an evaluation finds it as the previous one did (size and modification time);
+    a copy made under a dot-name is imported once renamed, and settled, whatever its format."""
+    inbox = StoreResource(home=str(sand_home)).inbox("alfworld")
+    with instance_for_test() as instance:
+        copying = inbox / "growing.jsonl"
+        copying.write_text("{}\n")
+        first = run_sensor(instance, sand_home)
+        assert first.run_requests == [] and first.dynamic_partitions_requests == []
+        with copying.open("a") as f:
+            f.write("{}\n")  # still being copied at the next evaluation
+        second = run_sensor(instance, sand_home, first.cursor)
+        assert second.run_requests == []
+        settled = run_sensor(instance, sand_home, second.cursor)
+        assert [r.partition_key for r in settled.run_requests] == ["alfworld/growing.jsonl"]
+
+        hidden = inbox / ".data.parquet"
+        hidden.write_text("copying")
+        assert [r.partition_key for r in run_sensor_twice(instance, sand_home).run_requests] == [
+            "alfworld/growing.jsonl"]
+        hidden.rename(inbox / "data.parquet")
+        renamed = run_sensor(instance, sand_home, settled.cursor)
+        assert [r.partition_key for r in renamed.run_requests] == ["alfworld/growing.jsonl"]
+        assert [r.partition_key for r in run_sensor(instance, sand_home, renamed.cursor).run_requests] == [
+            "alfworld/data.parquet", "alfworld/growing.jsonl"]
+        assert instance.get_dynamic_partitions(eto_inbox_partitions.name) == [
+            "alfworld/growing.jsonl", "alfworld/data.parquet"]
 
 
 def test_heldout_games_are_their_own_split_and_never_the_training_games(sand_home):

@@ -52,10 +52,10 @@ def _broken(tmp_path, mutate) -> str:
     (lambda r: r[1]["conversations"][5].update({"value": "I would take the book"}), "alfworld_demo_1",
      "conversations[5].value"),
     (lambda r: r[0]["conversations"][3].update({"from": "human"}), "alfworld_demo_0", "conversations[3].from"),
-    (lambda r: r[1].pop("conversations"), "alfworld_demo_1", "conversations"),
+    (lambda r: r[1].pop("conversations"), "alfworld_demo_1", "(record)"),
     (lambda r: r[1].update({"reward": 3}), "alfworld_demo_1", "reward"),
     (lambda r: r[1].update({"id": "alfworld_demo_0"}), "alfworld_demo_0", "id"),
-    (lambda r: r[0].pop("id"), "#0", "id"),
+    (lambda r: r[0].update({"id": ""}), "#0", "id"),
 ])
 def test_validation_names_record_and_field(tmp_path, mutate, record, field):
     path = _broken(tmp_path, mutate)

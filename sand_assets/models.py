@@ -16,6 +16,7 @@ from dagster import (
     AssetKey,
     AssetsDefinition,
     DataVersion,
+    Failure,
     MaterializeResult,
     MetadataValue,
     PipesSubprocessClient,
@@ -57,7 +58,12 @@ def finetune_asset(exp: Experiment, k: int, key: AssetKey, deps: list, descripti
                    pipes: PipesSubprocessClient) -> MaterializeResult:
         def train(plan: TrainPlan) -> dict:
             env = {**os.environ, "SAND_TRAIN_SPEC": plan.spec.to_json()}
-            return pipes.run(command=training_command(exp), context=context, env=env).get_custom_messages()[-1]
+            command = training_command(exp)
+            reports = pipes.run(command=command, context=context, env=env).get_custom_messages()
+            if len(reports) != 1:  # rank 0 alone reports, whatever the launcher
+                raise Failure(description=f"{exp.name}: the training child ({' '.join(command)}) reported its "
+                                          f"metrics {len(reports)} times, expected once")
+            return reports[0]
 
         db = store.store()
         result = stages.finetune(exp, db, k, lineage_of(context), train, context.log.info, control=control)

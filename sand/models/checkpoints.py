@@ -64,8 +64,16 @@ def plan_training(exp: Experiment, store: Store, iteration: int, data: DatasetRe
 
 def training_command(exp: Experiment) -> list[str]:
     """The child process that trains (the experiment's launcher, e.g. accelerate, or this Python); it reads the
-    TrainSpec from SAND_TRAIN_SPEC."""
-    return [*(exp.train.launcher or [sys.executable]), "-m", "sand.training.pipes_main"]
+    TrainSpec from SAND_TRAIN_SPEC. A launcher named without a folder is the one installed beside this Python
+    where there is one: Dagster is often started as `.venv/bin/dagster` without activating the environment, and
+    the launcher must run the environment's own torch."""
+    if not exp.train.launcher:
+        return [sys.executable, "-m", "sand.training.pipes_main"]
+    program, *args = exp.train.launcher
+    beside = Path(sys.executable).parent / program
+    if Path(program).name == program and beside.is_file():
+        program = str(beside)
+    return [program, *args, "-m", "sand.training.pipes_main"]
 
 
 def checkpoint_row(exp: Experiment, plan: TrainPlan, asset: str, iteration: int, metrics: dict) -> dict:

@@ -7,7 +7,8 @@ Loss is on the agent's turns only: each example is a prompt (the header: the env
 prompted with; a window longer than `max_length`
 tokens ends early, so every step is trained on once, with as much of its history as fits. Training writes into
 `<output>.partial/` (with Trainer checkpoints, so an interrupted run resumes) and renames it to
-`<output>` only when done: a checkpoint folder is complete or absent.
+`<output>` only when done: a checkpoint folder is complete or absent. Under a multi-process launcher every
+rank trains and the main process alone completes the folder.
 """
 from __future__ import annotations
 
@@ -176,15 +177,20 @@ def train(spec: TrainSpec, log: Callable[[dict], None] = lambda record: None) ->
     result = trainer.train(resume_from_checkpoint=resume or None)
     seconds = time.monotonic() - started
     final = partial / "final"
-    trainer.save_model(str(final))
-    trainer.processing_class.save_pretrained(str(final))
-    tokens = trainer.state.num_input_tokens_seen
+    trainer.save_model(str(final))  # on every rank: DeepSpeed ZeRO-3 gathers the weights from all of them
+    tokens = trainer.state.num_input_tokens_seen  # already summed over the ranks
     metrics = {
         "examples": len(trainer.train_dataset), "trajectories": trajectories, "steps": result.global_step,
         "train_loss": result.training_loss, "final_loss": curve[-1]["loss"] if curve else math.nan,
         "seconds": round(seconds, 1), "tokens_per_second": round(tokens / seconds, 1) if seconds else None,
         "resumed": resume, "loss_curve": curve, "lora": spec.lora, "bf16": trainer.args.bf16,
+        "processes": trainer.accelerator.num_processes,
     }
+    # Under a multi-process launcher the main process alone completes the folder, once the weights are written.
+    trainer.accelerator.wait_for_everyone()
+    if not trainer.accelerator.is_main_process:
+        return metrics
+    trainer.processing_class.save_pretrained(str(final))
     (final / "train_metrics.json").write_text(json.dumps(metrics, indent=1))
     if output.exists():
         shutil.rmtree(output)

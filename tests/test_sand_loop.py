@@ -50,6 +50,7 @@ from sand.sand_loop.synthesis import (
     _Job,
     check,
     dataset_id,
+    evidence_sentence,
     fallback_thought,
     repeats_itself,
     synthesize,
@@ -679,7 +680,7 @@ def smollm2(home):
 
 @pytest.mark.slow
 def test_the_real_critic_and_writer_write_grounded_texts(smollm2, agent, alf, alf_dir, sampled):
-    steps = [c for c in sampled if c.uncertain and c.trajectory_id in {t.id for t in alf}][:3]
+    steps = [c for c in sampled if c.uncertain and c.trajectory_id in {t.id for t in alf}][:2]
     with RolloutEngine(agent, lambda: AlfWorldEnv(train_games_dir=alf_dir), pool_size=2,
                        params=SamplingParams(temperature=1.0, max_new_tokens=48)) as engine:
         rollouts, critiques = critique_candidates(engine, smollm2, alf, steps, rollout_max_steps=2)
@@ -754,3 +755,15 @@ def test_separated_deliberates_only_where_the_evidence_tells_the_candidates_apar
     assert every.alike == []
     with pytest.raises(SandError, match="deliberate must be"):
         synthesize(writer, alf, candidates, critiques, rollouts, deliberate="sometimes")
+
+
+@pytest.mark.parametrize(("won", "evidence", "steps", "said"), [
+    (True, "advanced", 1, "would complete the task."),
+    (True, "advanced", 3, "would lead on to completing the task within 2 more steps."),
+    (False, "hindered", 1, "would end the episode in failure."),
+    (False, "hindered", 2, "would let the episode end in failure within 1 more step."),
+])
+def test_an_evidence_sentence_counts_the_steps_after_the_candidate(won, evidence, steps, said):
+    c = Critique("t", 0, "", "open door", "t1", 0, evidence, False, "", "critic", False, True, "The door opens.",
+                 0.5, 0.5, 0.5, won, steps, evidence)
+    assert evidence_sentence("open door", c, quote=0) == f'"open door" {said}'

@@ -202,18 +202,19 @@ def evidence_sentence(action: str, critique: Critique, quote: int = 100) -> str:
     """What executing `action` showed, as the agent's foresight: one true sentence naming it in quotes, quoting
     at most `quote` characters of the observation (0: none)."""
     seen, later = _quote(critique.observation, quote), critique.steps - 1
+    within = f" within {later} more step{'s' if later > 1 else ''}"
     before, end = round(100 * critique.score_before), round(100 * critique.score_end)
     if not critique.valid:
         return f'"{action}" is not possible here ("{seen}"), a wasted step.' if quote else \
             f'"{action}" is not possible here, a wasted step.'
     if critique.won:
-        outcome = f"lead on to completing the task within {later} more steps"
+        outcome = f"lead on to completing the task{within}" if later else "complete the task"
     elif end > before:
         outcome = f"raise the score from {before} to {end}"
     elif min(critique.score_after, critique.score_end) < critique.score_before:
         outcome = f"lower the score from {before} to {end}"
     elif critique.evidence == "hindered":
-        outcome = f"let the episode end in failure within {later} more steps"
+        outcome = f"let the episode end in failure{within}" if later else "end the episode in failure"
     else:
         outcome = "not move the task forward"
     return f'"{action}" would show "{seen}" and {outcome}.' if quote else f'"{action}" would {outcome}.'

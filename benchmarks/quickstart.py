@@ -51,7 +51,7 @@ def main() -> None:
     run = subprocess.Popen([str(sand), "run", "quickstart"], cwd=REPO, text=True,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     for line in run.stdout:
-        out.print(line.rstrip("\n"))
+        out.print(line.rstrip("\n").replace(f"{REPO}/", ""))  # paths as the repository's, not this machine's
     if run.wait():
         raise SystemExit(run.returncode)
     page = out.write()

@@ -43,6 +43,6 @@ class Report:
             f"# {self.title}", "",
             f"Written by `python benchmarks/{self.name}.py {' '.join(sys.argv[1:])}` on {date.today().isoformat()}, "
             f"commit {commit}{' (with uncommitted changes)' if dirty else ''}, on {machine_line()}.", "",
-            "```", *self.lines, "```", ""]))
+            "```text", *self.lines, "```", ""]))  # output, not commands to run
         print(f"written to {path}")
         return path

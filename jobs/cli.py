@@ -125,10 +125,9 @@ def cmd_import(args) -> None:
                                         run_config={"ops": {"imported_trajectories": {"config": config}}})
         expert, expert_run = _execute(instance, store, compose_expert_job.name, tags)
     imported, expert = imported["imported_trajectories"], expert["expert_trajectories"]
-    print(f"imported {imported['dagster/row_count']} {args.env} trajectories from {args.path} as "
-          f"'{imported['dataset']}' (version {imported['version']}{'' if imported['new_version'] else ', unchanged'})")
-    _print_resolution(store.read("source_trajectories", imported["dataset"], imported["version"]))
-    print(f"expert set: {expert['dagster/row_count']} trajectories (version {expert['version']})")
+    _print_import(args, imported["dataset"], imported["version"], imported["new_version"],
+                  store.read("source_trajectories", imported["dataset"], imported["version"]),
+                  expert["dagster/row_count"], expert["version"])
     print(f"runs: {import_job.name} {import_run} (partition {key}), {compose_expert_job.name} {expert_run} "
           f"(DAGSTER_HOME={os.environ['DAGSTER_HOME']})")
 
@@ -140,10 +139,16 @@ def _import_direct(args) -> None:
 
     imported, expert = datasets.import_into_expert(Store(), args.path, args.env, Lineage(asset="cli:import"),
                                                    open_env=None if args.no_resolve else resolve.open_env)
-    print(f"imported {imported.row_count} {args.env} trajectories from {args.path} as "
-          f"'{imported.ref.dataset}' (version {imported.ref.version}{'' if imported.created else ', unchanged'})")
-    _print_resolution(imported.rows)
-    print(f"expert set: {expert.row_count} trajectories (version {expert.ref.version})")
+    _print_import(args, imported.ref.dataset, imported.ref.version, imported.created, imported.rows,
+                  expert.row_count, expert.ref.version)
+
+
+def _print_import(args, dataset: str, version: str, new: bool, rows, expert_rows: int, expert_version: str) -> None:
+    """What an import stored (either path): the source dataset, its resolution, and the expert set it joined."""
+    print(f"imported {rows.height} {args.env} trajectories from {args.path} as '{dataset}' "
+          f"(version {version}{'' if new else ', unchanged'})")
+    _print_resolution(rows)
+    print(f"expert set: {expert_rows} trajectories (version {expert_version})")
 
 
 DRY_RUN_RECORDS = 5

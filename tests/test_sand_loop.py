@@ -757,13 +757,16 @@ def test_separated_deliberates_only_where_the_evidence_tells_the_candidates_apar
         synthesize(writer, alf, candidates, critiques, rollouts, deliberate="sometimes")
 
 
-@pytest.mark.parametrize(("won", "evidence", "steps", "said"), [
-    (True, "advanced", 1, "would complete the task."),
-    (True, "advanced", 3, "would lead on to completing the task within 2 more steps."),
-    (False, "hindered", 1, "would end the episode in failure."),
-    (False, "hindered", 2, "would let the episode end in failure within 1 more step."),
+@pytest.mark.parametrize(("won", "evidence", "steps", "after", "end", "said"), [
+    (True, "advanced", 1, 0.5, 0.5, "would complete the task."),
+    (True, "advanced", 3, 0.5, 0.5, "would lead on to completing the task within 2 more steps."),
+    (False, "hindered", 1, 0.5, 0.5, "would end the episode in failure."),
+    (False, "hindered", 2, 0.5, 0.5, "would let the episode end in failure within 1 more step."),
+    (False, "advanced", 2, 0.6, 0.6, "would raise the score from 50 to 60."),
+    (False, "advanced", 3, 0.5, 0.6, "would lead on to the score rising from 50 to 60 within 2 more steps."),
 ])
-def test_an_evidence_sentence_counts_the_steps_after_the_candidate(won, evidence, steps, said):
+def test_an_evidence_sentence_counts_the_steps_after_the_candidate(won, evidence, steps, after, end, said):
+    """Each sentence says what the candidate itself did and what the steps after it did, and counts them."""
     c = Critique("t", 0, "", "open door", "t1", 0, evidence, False, "", "critic", False, True, "The door opens.",
-                 0.5, 0.5, 0.5, won, steps, evidence)
+                 0.5, after, end, won, steps, evidence)
     assert evidence_sentence("open door", c, quote=0) == f'"open door" {said}'

@@ -209,8 +209,10 @@ def evidence_sentence(action: str, critique: Critique, quote: int = 100) -> str:
             f'"{action}" is not possible here, a wasted step.'
     if critique.won:
         outcome = f"lead on to completing the task{within}" if later else "complete the task"
-    elif end > before:
+    elif end > before and critique.score_after > critique.score_before:
         outcome = f"raise the score from {before} to {end}"
+    elif end > before:  # the rise came from the steps after it, not from the candidate itself
+        outcome = f"lead on to the score rising from {before} to {end}{within}"
     elif min(critique.score_after, critique.score_end) < critique.score_before:
         outcome = f"lower the score from {before} to {end}"
     elif critique.evidence == "hindered":
